@@ -271,3 +271,31 @@ def test_bad_inputs():
         arm_reference(torch.randn(2, 3, 4), None, torch.ones(2, 3))
     with pytest.raises(ValueError, match="unknown ARM attributes"):
         ARMConfig.from_dict({"c": 0.1, "width": 3})
+
+
+# --- CUDA ----------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the reference's CUDA path is checked on a GPU machine")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_on_cuda_matches_cpu_and_runs_in_a_cuda_graph(dtype, monkeypatch):
+    monkeypatch.setenv("ARMQUANT_ARM_BACKEND", "reference")
+    x = torch.randn(2, 64, 256).to(dtype)
+    x[0, 3, 5] = float("nan")
+    mask = torch.ones(2, 64, dtype=torch.int64)
+    mask[1, :10] = 0
+    positions = torch.arange(64)[None].repeat(2, 1) + 3
+    for preset in PRESETS.values():
+        expected = arm_reference(x, mask, positions, preset)
+        got = arm_reference(x.cuda(), mask.cuda(), positions.cuda(), preset)
+        assert torch.equal(bits(got.cpu()), bits(expected))
+    static_x, static_mask, static_pos = x.cuda(), mask.cuda(), positions.cuda()
+    config = PRESETS["llama-3.1"]
+    arm_reference(static_x, static_mask, static_pos, config)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = arm_reference(static_x, static_mask, static_pos, config)
+    fresh = torch.randn(2, 64, 256).to(dtype)
+    static_x.copy_(fresh.cuda())
+    graph.replay()
+    assert torch.equal(bits(static_y.cpu()), bits(arm_reference(fresh, mask, positions, config)))
