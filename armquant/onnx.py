@@ -287,14 +287,30 @@ def session_options(library: Optional[str] = LIBRARY_AUTO, threads: Optional[int
 
 
 def session(model_dir: str | os.PathLike, library: Optional[str] = LIBRARY_AUTO, threads: Optional[int] = None,
-            providers=("CPUExecutionProvider",)):
-    """An InferenceSession over `model_dir/model.onnx`."""
+            seed: Optional[int] = None, arm: bool = True, providers=("CPUExecutionProvider",)):
+    """An InferenceSession over `model_dir/model.onnx`.
+
+    library: "auto" (our custom-op library when built, else ARM's ONNX function), "none" (the
+    function), or a path. seed: run every ARM node with this seed instead of the exported one.
+    arm=False: run with ARM off (each ARM node becomes Identity), for ARM on/off comparisons.
+    """
     import onnxruntime as ort
 
     path = Path(model_dir) / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {MODEL_FILE} in {model_dir}; pass a folder written by `armquant export`")
-    return ort.InferenceSession(str(path), sess_options=session_options(library, threads), providers=list(providers))
+    options = session_options(library, threads)
+    if seed is None and arm:
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    proto = onnx.load(str(path))
+    for node in arm_nodes(proto):
+        if not arm:
+            del node.input[1:], node.attribute[:]
+            node.op_type, node.domain = "Identity", ""
+        else:
+            del node.attribute[[a.name for a in node.attribute].index("seed")]
+            node.attribute.append(onnx.helper.make_attribute("seed", int(seed)))
+    return ort.InferenceSession(proto.SerializeToString(), sess_options=options, providers=list(providers))
 
 
 class DecoderSession:
@@ -328,13 +344,14 @@ def positions_from_mask(attention_mask: np.ndarray, seq_len: int) -> np.ndarray:
     return np.clip(np.cumsum(attention_mask, axis=-1) - 1, 0, None)[:, -seq_len:]
 
 
-def ort_logits_fn(model_dir: str | os.PathLike, library: Optional[str] = LIBRARY_AUTO,
-                  threads: Optional[int] = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A callable input_ids [1, L] -> logits [1, L, V] (float32 torch) running the ONNX export.
+def ort_logits_fn(model_dir: str | os.PathLike, library: Optional[str] = LIBRARY_AUTO, threads: Optional[int] = None,
+                  seed: Optional[int] = None, arm: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A callable input_ids [B, L] -> logits [B, L, V] (float32 torch) running the ONNX export.
 
-    `armquant.evaluate.perplexity(ort_logits_fn(dir), windows)` is perplexity through ONNX Runtime.
+    `armquant.evaluate.perplexity(ort_logits_fn(dir), windows)` is perplexity through ONNX Runtime;
+    `seed` and `arm` as in `session`.
     """
-    decoder = DecoderSession(session(model_dir, library=library, threads=threads))
+    decoder = DecoderSession(session(model_dir, library=library, threads=threads, seed=seed, arm=arm))
 
     def logits(input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.cpu().numpy()

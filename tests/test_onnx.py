@@ -89,6 +89,26 @@ def test_parity_is_not_vacuous_arm_changes_logits(exported):
     assert np.abs(ort_logits - plain).max() / np.abs(plain).max() > 100 * TOLERANCE
 
 
+def test_session_seed_and_arm_off_follow_pytorch(exported):
+    from armquant.models import set_arm_seed
+
+    model, out = exported
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), arm_enabled(model, False):
+        plain = model(ids).logits
+    off = aox.ort_logits_fn(out, library="none", arm=False)(ids)
+    assert (off - plain).abs().max() / plain.abs().max() <= TOLERANCE
+    set_arm_seed(model, 7)
+    try:
+        with torch.no_grad():
+            seeded = model(ids).logits
+    finally:
+        set_arm_seed(model, 0)
+    ort_seeded = aox.ort_logits_fn(out, library="none", seed=7)(ids)
+    assert (ort_seeded - seeded).abs().max() / seeded.abs().max() <= TOLERANCE
+    assert not torch.equal(ort_seeded, aox.ort_logits_fn(out, library="none")(ids))
+
+
 def test_library_and_function_agree(exported):
     if not has_library():
         pytest.skip("the ARM custom-op library is not built: only the function fallback can run")

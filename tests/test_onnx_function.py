@@ -102,3 +102,41 @@ def test_fully_masked_input_passes_through():
 def test_function_needs_opset_19():
     with pytest.raises(ValueError, match="opset >= 19"):
         arm_function(18)
+
+
+def executed_ops(model: onnx.ModelProto, options: ort.SessionOptions, feed: dict) -> set:
+    """Op types ONNX Runtime actually ran, from its profile."""
+    import json
+    import os
+
+    options.enable_profiling = True
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.run(None, feed)
+    profile = session.end_profiling()
+    try:
+        events = json.load(open(profile))
+    finally:
+        os.unlink(profile)
+    return {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
+
+
+def test_registered_kernel_takes_over_the_function(tmp_path):
+    """A node with both a model-local function and a registered kernel runs the kernel."""
+    from armquant import onnx as aox
+
+    library = aox.library_path(aox.LIBRARY_AUTO)
+    if library is None:
+        pytest.skip("the ARM custom-op library is not built")
+    config = PRESETS["llama-3.1"]
+    x, mask, positions = awkward_input(3, shape=(3, 16, 256))
+    feed = {"X": x.numpy(), "mask": mask.numpy(), "positions": positions.numpy()}
+    model = single_node_model(config)
+    options = aox.session_options(aox.LIBRARY_AUTO)
+    options.profile_file_prefix = str(tmp_path / "with-library")
+    assert executed_ops(model, options, feed) == {"ARM"}
+    options = aox.session_options(aox.LIBRARY_NONE)
+    options.profile_file_prefix = str(tmp_path / "function")
+    assert "ARM" not in executed_ops(model, options, feed)
+    with_library = ort.InferenceSession(model.SerializeToString(), aox.session_options(aox.LIBRARY_AUTO),
+                                        providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert_bitwise_equal(with_library, arm_reference(x, mask, positions, config))
