@@ -9,8 +9,11 @@ An export is a folder that `optimum.onnxruntime.ORTModelForCausalLM` loads as it
 The graph has optimum's I/O names: `input_ids`, `attention_mask`, `position_ids`,
 `past_key_values.{i}.key/value` -> `logits`, `present.{i}.key/value`, with past and present
 shaped [batch, kv_heads, length, head_dim]. Every model embeds the ONNX function for
-`armquant::ARM` (armquant/onnx_function.py): ONNX Runtime runs the node with our custom-op
-library when it is registered, and otherwise inlines the function, so the graph runs anywhere.
+`armquant::ARM` (armquant/onnx_function.py), one function whose body reads the node's
+attributes, so every ARM site stays an `armquant::ARM` node whatever its settings. ONNX Runtime
+runs such a node with the registered kernel when our custom-op library is loaded (checked in
+its profile: one `ARM` kernel, no function ops) and otherwise inlines the function, so the graph
+also runs on a plain ONNX Runtime, in the ONNX checker and in ONNX Runtime's quantization tools.
 
 The exporter is torch.export + `torch.onnx.export(dynamo=True)`. `torch.ops.armquant.arm`
 maps to the ARM node through `custom_translation_table`; the node is declared with an OpSchema
@@ -35,7 +38,7 @@ from torch import nn
 from armquant._io import atomic_dir, write_json
 from armquant.onnx_function import ATTRIBUTES, DOMAIN, MIN_OPSET, OP_NAME, arm_function
 
-__all__ = ["export", "session", "ort_logits_fn", "quantize_onnx", "parity", "MODEL_FILE"]
+__all__ = ["export", "session", "ort_logits_fn", "ort_evaluate", "quantize_onnx", "parity", "MODEL_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -360,6 +363,32 @@ def ort_logits_fn(model_dir: str | os.PathLike, library: Optional[str] = LIBRARY
         return torch.from_numpy(out)
 
     return logits
+
+
+def ort_evaluate(model_dir: str | os.PathLike, windows: torch.Tensor, seeds=(0, 1, 2), arm_off: bool = True,
+                 library: Optional[str] = LIBRARY_AUTO, threads: Optional[int] = None, progress: bool = True) -> dict:
+    """`armquant.evaluate.evaluate` through ONNX Runtime: the same report (ARM off, each seed)."""
+    import statistics
+
+    from armquant.evaluate import perplexity
+
+    proto = onnx.load(str(Path(model_dir) / MODEL_FILE), load_external_data=False)
+    has_arm = bool(arm_nodes(proto))
+    runs = ([(False, None)] if arm_off or not has_arm else []) + ([(True, s) for s in seeds] if has_arm else [])
+    rows = []
+    for arm, seed in runs:
+        logits = ort_logits_fn(model_dir, library=library, threads=threads, seed=seed, arm=arm)
+        start = time.perf_counter()
+        desc = f"ORT, ARM on, seed {seed}" if arm else "ORT, ARM off"
+        result = perplexity(logits, windows, progress, desc=desc)
+        rows.append({"arm": arm, "seed": seed, **result, "seconds": time.perf_counter() - start})
+    on = [r["perplexity"] for r in rows if r["arm"]]
+    summary = {"arm_off": next((r["perplexity"] for r in rows if not r["arm"]), None)}
+    if on:
+        summary["arm_on_mean"] = statistics.fmean(on)
+        summary["arm_on_std"] = statistics.stdev(on) if len(on) > 1 else 0.0
+    return {"rows": rows, "summary": summary, "windows": int(windows.shape[0]), "window_length": int(windows.shape[1]),
+            "backend": "onnxruntime", "library": library_path(library)}
 
 
 # --- ONNX Runtime quantization ------------------------------------------------------------

@@ -2,7 +2,7 @@
 ARM node alone with the custom-op library vs the ONNX function fallback. Side by side, as ratios.
 
     python benchmarks/bench_ort_decode.py MODEL [--work /tmp/armquant-bench] [--prompt 64] [--tokens 64]
-        [--threads 2] [--json benchmarks/results/ort_decode.json]
+        [--threads 2] [--library auto|PATH] [--json benchmarks/results/ort_decode.json]
 
 MODEL: bundled name or checkpoint folder. Exports (and their quantized variants) are made once
 in --work and reused. Decode speed: greedy steps of one token with the KV cache after a prompt
@@ -101,12 +101,13 @@ def main():
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--library", default=aox.LIBRARY_AUTO, help="ARM custom-op library: auto (the built one) or a path")
     parser.add_argument("--json", default="benchmarks/results/ort_decode.json")
     args = parser.parse_args()
 
     dirs = prepare(args.model, Path(args.work))
-    library = aox.library_path(aox.LIBRARY_AUTO)
-    arm_library = aox.LIBRARY_AUTO if library else aox.LIBRARY_NONE
+    library = aox.library_path(args.library)
+    arm_library = library or aox.LIBRARY_NONE
     rows = []
     for name, _, _ in VARIANTS:
         seconds = decode_seconds(dirs[name], args.prompt, args.tokens, args.threads, arm_library, args.repeats)
@@ -121,7 +122,7 @@ def main():
     arm_rows = []
     for shape in [(1, 1, intermediate), (1, args.prompt, intermediate), (1, 2048, intermediate)]:
         function_s = arm_node_seconds(shape, config, aox.LIBRARY_NONE, args.threads, args.repeats * 5)
-        library_s = arm_node_seconds(shape, config, aox.LIBRARY_AUTO, args.threads, args.repeats * 5) if library else None
+        library_s = arm_node_seconds(shape, config, library, args.threads, args.repeats * 5) if library else None
         arm_rows.append({"shape": list(shape), "function_s": function_s, "library_s": library_s,
                          "library_speedup": function_s / library_s if library_s else None})
 

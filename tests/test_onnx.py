@@ -133,6 +133,19 @@ def test_ort_perplexity_matches_pytorch(exported):
     assert ort_nll == pytest.approx(torch_nll, rel=1e-3 / 32)  # perplexity within 0.1%
 
 
+def test_ort_evaluate_reports_like_evaluate(exported):
+    from armquant.evaluate import evaluate
+
+    model, out = exported
+    windows = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(6))
+    ort_report = aox.ort_evaluate(out, windows, seeds=(0, 1), library="none", progress=False)
+    torch_report = evaluate(model, windows, seeds=(0, 1), progress=False)
+    assert [(r["arm"], r["seed"]) for r in ort_report["rows"]] == [(r["arm"], r["seed"]) for r in torch_report["rows"]]
+    for ort_row, torch_row in zip(ort_report["rows"], torch_report["rows"]):
+        assert ort_row["perplexity"] == pytest.approx(torch_row["perplexity"], rel=1e-3)
+    assert ort_report["rows"][1]["perplexity"] != ort_report["rows"][2]["perplexity"]  # seeds differ
+
+
 def test_optimum_loads_and_generates_like_pytorch(exported):
     from optimum.onnxruntime import ORTModelForCausalLM
 
