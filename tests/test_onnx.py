@@ -16,7 +16,7 @@ import torch
 from conftest import bundled_available, tiny_model
 
 from armquant import onnx as aox
-from armquant.models import FAMILIES, ARMModelConfig, apply_arm, arm_enabled
+from armquant.models import FAMILIES, ARMModelConfig, apply_arm, arm_enabled, set_arm_seed
 
 TOLERANCE = 1e-4  # relative, float32
 
@@ -90,8 +90,6 @@ def test_parity_is_not_vacuous_arm_changes_logits(exported):
 
 
 def test_session_seed_and_arm_off_follow_pytorch(exported):
-    from armquant.models import set_arm_seed
-
     model, out = exported
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad(), arm_enabled(model, False):
@@ -139,7 +137,10 @@ def test_ort_evaluate_reports_like_evaluate(exported):
     model, out = exported
     windows = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(6))
     ort_report = aox.ort_evaluate(out, windows, seeds=(0, 1), library="none", progress=False)
-    torch_report = evaluate(model, windows, seeds=(0, 1), progress=False)
+    try:
+        torch_report = evaluate(model, windows, seeds=(0, 1), progress=False)
+    finally:
+        set_arm_seed(model, 0)  # evaluate leaves the last seed set; the export has seed 0
     assert [(r["arm"], r["seed"]) for r in ort_report["rows"]] == [(r["arm"], r["seed"]) for r in torch_report["rows"]]
     for ort_row, torch_row in zip(ort_report["rows"], torch_report["rows"]):
         assert ort_row["perplexity"] == pytest.approx(torch_row["perplexity"], rel=1e-3)
