@@ -491,7 +491,7 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 # -- command line ---------------------------------------------------------------------------
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float) -> None:
+def _add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float) -> None:
     parser.add_argument("--max-tokens", type=int, default=128, help="most new tokens (default 128)")
     parser.add_argument("--temperature", type=float, default=temperature, help=f"0 is greedy (default {temperature})")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
@@ -508,7 +508,7 @@ def add_cli(subparsers) -> None:
     )
     parser.add_argument("model_dir", help="directory written by `armquant export` (model.onnx, tokenizer, config)")
     parser.add_argument("prompt", help="the prompt, or - to read it from stdin")
-    add_sampling_arguments(parser, temperature=0.0)
+    _add_sampling_arguments(parser, temperature=0.0)
     parser.add_argument("--system", default=None, help="system message for the chat template")
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
