@@ -44,7 +44,10 @@ class EngineClosed(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature=0 is greedy; top_k=0 and top_p=1 disable those filters."""
+    """How to pick tokens. temperature=0 is greedy; top_k=0 and top_p=1 disable those filters.
+
+    ignore_eos=True keeps generating past end-of-sequence tokens (for benchmarks with fixed lengths).
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -52,6 +55,7 @@ class SamplingParams:
     top_k: int = 0
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -445,7 +449,7 @@ class Engine:
         """Record a sampled token, stream its text, and finish the request when it is done."""
         if request.finished:
             return
-        if token in self.eos_ids:
+        if token in self.eos_ids and not request.params.ignore_eos:
             self._finish(request, "stop")
             return
         request.generated.append(token)

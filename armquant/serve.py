@@ -7,7 +7,6 @@ stays bounded; a request that runs past the timeout gets 504 (or an error event 
 a client that disconnects frees its batch slot at the next decode step.
 """
 
-from __future__ import annotations
 
 import asyncio
 import contextlib
@@ -52,7 +51,8 @@ def _request_models():
         max_tokens: Optional[int] = None
         temperature: float = 1.0
         top_p: float = 1.0
-        top_k: int = 0  # not in the OpenAI API; as in vLLM
+        top_k: int = 0  # top_k and ignore_eos are not in the OpenAI API; named as in vLLM
+        ignore_eos: bool = False
         seed: Optional[int] = None
         stop: Union[str, list[str], None] = None
         stream: bool = False
@@ -114,8 +114,9 @@ def _validation_message(error: dict, fields: list[str]) -> tuple[str, Optional[s
     return f"field {param!r}: {error.get('msg')} (given {error.get('input')!r})", param
 
 
-def create_app(engine: Engine, *, model_name: Optional[str] = None, request_timeout: float = 60.0):
-    """The FastAPI application serving `engine`. It does not own the engine: close it yourself."""
+def create_app(engine: Engine, *, model_name: Optional[str] = None, request_timeout: float = 60.0, owns_engine: bool = False):
+    """The FastAPI application serving `engine`; with owns_engine it closes the engine on shutdown
+    (after the server has let in-flight requests finish), else close it yourself."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -125,7 +126,13 @@ def create_app(engine: Engine, *, model_name: Optional[str] = None, request_time
     model_name = model_name or Path(engine.model_dir).resolve().name
     created = int(time.time())
     metrics = _Metrics(engine)
-    app = FastAPI(title="armquant", version="0.1.0")
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if owns_engine:
+            await asyncio.to_thread(engine.close, False)
+
+    app = FastAPI(title="armquant", version="0.1.0", lifespan=lifespan)
     app.state.engine, app.state.metrics = engine, metrics
 
     @app.exception_handler(RequestValidationError)
@@ -153,7 +160,7 @@ def create_app(engine: Engine, *, model_name: Optional[str] = None, request_time
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await _respond(body, request, "/v1/completions", lambda: engine.encode(body.prompt), body.max_tokens or 16, _completion_format)
+        return await _respond(body, request, "/v1/completions", lambda: engine.encode(body.prompt), _first_given(body.max_tokens, 16), _completion_format)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
@@ -161,7 +168,7 @@ def create_app(engine: Engine, *, model_name: Optional[str] = None, request_time
             {"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
             for m in body.messages
         ]
-        max_tokens = body.max_completion_tokens or body.max_tokens or engine.context_length
+        max_tokens = _first_given(body.max_completion_tokens, body.max_tokens, engine.context_length)
         return await _respond(body, request, "/v1/chat/completions", lambda: engine.chat_prompt(messages), max_tokens, _chat_format)
 
     async def _respond(body, request, endpoint: str, prompt_ids: Callable[[], list[int]], max_tokens: int, fmt: "_Format"):
@@ -171,7 +178,7 @@ def create_app(engine: Engine, *, model_name: Optional[str] = None, request_time
                 raise HTTPError(404, f"model {body.model!r} is not served here; this server serves {model_name!r}", param="model", code="model_not_found")
             try:
                 stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-                params = SamplingParams(max_tokens, body.temperature, body.top_p, body.top_k, body.seed, stop)
+                params = SamplingParams(max_tokens, body.temperature, body.top_p, body.top_k, body.seed, stop, body.ignore_eos)
             except ValueError as error:
                 raise HTTPError(400, str(error), param=str(error).split("=")[0]) from None
             try:
@@ -299,6 +306,10 @@ def create_app(engine: Engine, *, model_name: Optional[str] = None, request_time
     return app
 
 
+def _first_given(*values):
+    return next(v for v in values if v is not None)
+
+
 class _Disconnected(Exception):
     pass
 
@@ -387,12 +398,13 @@ def build_server(
     request_timeout: float = 60.0,
     shutdown_timeout: float = 30.0,
     log_level: str = "info",
+    owns_engine: bool = False,
 ):
     """A uvicorn server for `engine`: `.run()` blocks; SIGINT/SIGTERM let in-flight requests finish
-    for up to `shutdown_timeout` seconds, then cancel them."""
+    for up to `shutdown_timeout` seconds, then cancel them (their engine slots are freed)."""
     import uvicorn
 
-    app = create_app(engine, model_name=model_name, request_timeout=request_timeout)
+    app = create_app(engine, model_name=model_name, request_timeout=request_timeout, owns_engine=owns_engine)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout, access_log=False)
     return uvicorn.Server(config)
 
@@ -420,10 +432,9 @@ def _serve_command(args) -> int:
     engine = Engine(args.model_dir, max_batch_size=args.max_batch_size, max_queue=args.max_queue, threads=args.threads)
     server = build_server(
         engine, host=args.host, port=args.port, model_name=args.model_name,
-        request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout,
+        request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout, owns_engine=True,
     )
-    try:
-        server.run()
-    finally:
-        engine.close(drain=False)
+    # On SIGINT/SIGTERM uvicorn stops accepting, waits for in-flight requests, closes the engine
+    # (lifespan), then re-raises the signal so the process ends as signalled.
+    server.run()
     return 0

@@ -13,7 +13,7 @@ import pytest
 
 from armquant import runtime
 from armquant.generate import Engine, EngineClosed, QueueFull, SamplingParams, add_cli, sample
-from tiny_onnx import tiny_model_dir
+from tiny_onnx import SlowSession, tiny_model_dir
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -179,7 +179,8 @@ def test_max_tokens_and_context_length(engine):
 def test_bounded_queue_cancel_and_timeout(model_dir):
     with Engine(model_dir, max_batch_size=1, max_queue=1, threads=1) as engine:
         first: queue.Queue = queue.Queue()
-        running = engine.submit("hello", SamplingParams(max_tokens=100, temperature=0.0), first.put)
+        engine.session = SlowSession(engine.session, delay=0.01)
+        running = engine.submit("hello", SamplingParams(max_tokens=100, ignore_eos=True), first.put)
         first.get(timeout=30)  # running now holds the only slot
         waiting = engine.submit("hello", SamplingParams(max_tokens=2, temperature=0.0), lambda c: None)
         with pytest.raises(QueueFull, match="max_queue=1"):

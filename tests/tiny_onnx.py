@@ -73,3 +73,20 @@ def tiny_model_dir() -> Path:
     root = Path(tempfile.mkdtemp(prefix="armquant-tiny-onnx-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     return build_model_dir(root / "tiny")
+
+
+class SlowSession:
+    """An ONNX Runtime session that waits `delay` seconds before each run, so a request stays in
+    flight long enough for a test to act on it (cancel, disconnect, fill the queue)."""
+
+    def __init__(self, inner, delay: float):
+        self.inner, self.delay = inner, delay
+
+    def run(self, *args, **kwargs):
+        import time
+
+        time.sleep(self.delay)
+        return self.inner.run(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
