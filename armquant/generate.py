@@ -244,6 +244,7 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         config = _read_json(model_dir / "config.json")
         self.layout = _Layout.of(self.session, config)
+        self.vocab_size = len(self.tokenizer)
         self.context_length = int(config.get("max_position_embeddings") or self.tokenizer.model_max_length)
         eos = _read_json(model_dir / "generation_config.json").get("eos_token_id", config.get("eos_token_id"))
         if eos is None:
@@ -284,7 +285,8 @@ class Engine:
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> None:
-        vocab = self.tokenizer.vocab_size + len(self.tokenizer.get_added_vocab())
+        """Raise ValueError naming the problem if `prompt_ids` cannot be generated from."""
+        vocab = self.vocab_size
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token")
         if len(prompt_ids) >= self.context_length:

@@ -246,13 +246,22 @@ def create_app(engine: Engine, *, model_name: Optional[str] = None, request_time
         return None
 
     async def _collect(chunks: asyncio.Queue, submitted, request: Request, start: float) -> tuple[str, Chunk]:
-        parts, first = [], True
+        """The whole text, checking twice a second for a client that went away meanwhile."""
+        parts, first, checked = [], True, time.perf_counter()
         while True:
             try:
-                chunk = await _wait(chunks, request, start)
-            except _Disconnected:
-                submitted.cancel()
-                raise HTTPError(499, "client closed the request", kind="client_closed")
+                chunk = await asyncio.wait_for(chunks.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                chunk = None
+            if time.perf_counter() - checked >= 0.5:
+                checked = time.perf_counter()
+                if await request.is_disconnected():
+                    submitted.cancel()
+                    raise HTTPError(499, "client closed the request", kind="client_closed")
+            if chunk is None:
+                if time.perf_counter() - start > request_timeout + 5.0:  # the engine stopped answering
+                    raise _failure(Chunk("", [], "timeout"))
+                continue
             _account(chunk, first, start)
             first = first and not chunk.token_ids
             parts.append(chunk.text)
@@ -261,17 +270,6 @@ def create_app(engine: Engine, *, model_name: Optional[str] = None, request_time
                 if failure:
                     raise failure
                 return "".join(parts), chunk
-
-    async def _wait(chunks: asyncio.Queue, request: Request, start: float) -> Chunk:
-        """The next chunk, polling for a client that went away while waiting."""
-        while True:
-            try:
-                return await asyncio.wait_for(chunks.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    raise _Disconnected() from None
-                if time.perf_counter() - start > request_timeout + 5.0:
-                    return Chunk("", [], "timeout")
 
     async def _sse(chunks: asyncio.Queue, submitted, fmt: "_Format", include_usage: bool, endpoint: str, start: float) -> AsyncIterator[str]:
         status, first = 200, True
@@ -308,10 +306,6 @@ def create_app(engine: Engine, *, model_name: Optional[str] = None, request_time
 
 def _first_given(*values):
     return next(v for v in values if v is not None)
-
-
-class _Disconnected(Exception):
-    pass
 
 
 def _event(payload: dict) -> str:
