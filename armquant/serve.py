@@ -423,6 +423,11 @@ def add_cli(subparsers) -> None:
 
 
 def _serve_command(args) -> int:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(f"armquant serve needs {', '.join(missing)}; install them with: pip install 'armquant[serve]'")
     engine = Engine(args.model_dir, max_batch_size=args.max_batch_size, max_queue=args.max_queue, threads=args.threads)
     server = build_server(
         engine, host=args.host, port=args.port, model_name=args.model_name,
