@@ -1,8 +1,31 @@
-"""armquant: quantize, export and serve language models that carry ARM (arXiv 2510.01032)."""
+"""armquant: quantize, export and serve language models that carry ARM (arXiv 2510.01032).
+
+The public names are imported on first use, so `import armquant` stays light (the op alone
+needs only torch and numpy).
+"""
+
+import importlib
 
 from armquant.arm import ARM, ARMConfig, PRESETS, arm, arm_reference
-from armquant.generate import Engine, SamplingParams
-from armquant.runtime import session
 
-__all__ = ["ARM", "ARMConfig", "PRESETS", "Engine", "SamplingParams", "arm", "arm_reference", "session"]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "load": "armquant.models",
+    "save": "armquant.models",
+    "convert": "armquant.models",
+    "ARMModelConfig": "armquant.models",
+    "evaluate": "armquant.evaluate",
+    "perplexity": "armquant.evaluate",
+    "session": "armquant.runtime",
+    "Engine": "armquant.generate",
+    "SamplingParams": "armquant.generate",
+}
+
+__all__ = ["ARM", "ARMConfig", "PRESETS", "arm", "arm_reference", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'armquant' has no attribute {name!r}")
