@@ -8,6 +8,9 @@ import importlib
 
 from armquant.arm import ARM, ARMConfig, PRESETS, arm, arm_reference
 
+# Functions named like their modules are bound eagerly, so the function wins over the submodule.
+from armquant.evaluate import evaluate, perplexity
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -15,14 +18,12 @@ _LAZY = {
     "save": "armquant.models",
     "convert": "armquant.models",
     "ARMModelConfig": "armquant.models",
-    "evaluate": "armquant.evaluate",
-    "perplexity": "armquant.evaluate",
     "session": "armquant.runtime",
     "Engine": "armquant.generate",
     "SamplingParams": "armquant.generate",
 }
 
-__all__ = ["ARM", "ARMConfig", "PRESETS", "arm", "arm_reference", *_LAZY]
+__all__ = ["ARM", "ARMConfig", "PRESETS", "arm", "arm_reference", "evaluate", "perplexity", *_LAZY]
 
 
 def __getattr__(name):
