@@ -1,7 +1,33 @@
-"""armquant: quantize, export and serve language models that carry ARM (arXiv 2510.01032)."""
+"""armquant: quantize, export and serve language models that carry ARM (arXiv 2510.01032).
+
+The public names are imported on first use, so `import armquant` stays light (the op alone
+needs only torch and numpy).
+"""
+
+import importlib
 
 from armquant.arm import ARM, ARMConfig, PRESETS, arm, arm_reference
-from armquant.onnx import export
 
-__all__ = ["ARM", "ARMConfig", "PRESETS", "arm", "arm_reference", "export"]
+# Functions named like their modules are bound eagerly, so the function wins over the submodule.
+from armquant.evaluate import evaluate, perplexity
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "load": "armquant.models",
+    "save": "armquant.models",
+    "convert": "armquant.models",
+    "ARMModelConfig": "armquant.models",
+    "session": "armquant.runtime",
+    "export": "armquant.onnx",
+    "Engine": "armquant.generate",
+    "SamplingParams": "armquant.generate",
+}
+
+__all__ = ["ARM", "ARMConfig", "PRESETS", "arm", "arm_reference", "evaluate", "perplexity", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'armquant' has no attribute {name!r}")

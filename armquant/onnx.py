@@ -258,13 +258,9 @@ def library_path(library: Optional[str] = LIBRARY_AUTO) -> Optional[str]:
     if library in (None, LIBRARY_NONE):
         return None
     if library == LIBRARY_AUTO:
-        try:
-            from armquant import _native
-        except ImportError:
-            return None
-        find = getattr(_native, "ort_library_path", None)
-        path = find() if find is not None else None
-        return str(path) if path else None
+        from armquant.runtime import custom_op_library
+
+        return custom_op_library()
     if not Path(library).is_file():
         raise FileNotFoundError(
             f"no ARM custom-op library at {library}; build it (pip install -e .), pass its path, "
