@@ -393,7 +393,8 @@ SCHEMES = ("int4", "int8")
 
 
 def quantize_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, scheme: str = "int4",
-                  block_size: int = 128, accuracy_level: int = 4, overwrite: bool = False) -> Path:
+                  block_size: int = 128, accuracy_level: int = 4, overwrite: bool = False,
+                  source_name: Optional[str] = None) -> Path:
     """Quantize an export with ONNX Runtime's tools; the ARM nodes and their function survive.
 
     int4: weight-only MatMulNBits (4-bit blocks of `block_size`, `accuracy_level` 4 = int8
@@ -437,7 +438,7 @@ def quantize_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sche
             raise RuntimeError(f"quantization changed the ARM nodes: {n_arm} before, {len(arm_nodes(proto))} after")
         _save_proto(proto, tmp)
         info = json.loads((model_dir / INFO_FILE).read_text()) if (model_dir / INFO_FILE).is_file() else {}
-        info["quantization"] = {"scheme": scheme, "source": str(model_dir),
+        info["quantization"] = {"scheme": scheme, "source": source_name or str(model_dir),
                                 **({"block_size": block_size, "accuracy_level": accuracy_level} if scheme == "int4" else {})}
         write_json(tmp / INFO_FILE, info)
     return out_dir
@@ -512,7 +513,8 @@ def _cmd_export(args) -> int:
 
         with tempfile.TemporaryDirectory(dir=Path(args.out_dir).resolve().parent) as staging:
             fp32 = export(model, Path(staging) / "fp32", tokenizer)
-            quantize_onnx(fp32, args.out_dir, args.quantize, args.block_size, args.accuracy_level, args.overwrite)
+            quantize_onnx(fp32, args.out_dir, args.quantize, args.block_size, args.accuracy_level, args.overwrite,
+                          source_name=args.model)
     else:
         export(model, args.out_dir, tokenizer, overwrite=args.overwrite)
     print(f"wrote {args.out_dir}")
