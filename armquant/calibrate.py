@@ -369,39 +369,31 @@ def _arm_seed(model: nn.Module, seed: Optional[int]):
 # --- The pass ---------------------------------------------------------------------------------
 
 
-def _windows_from(data, tokenizer, windows: Optional[int], length: int) -> tuple[torch.Tensor, dict]:
-    """Token windows [n, length] and a description of where they came from."""
+def _windows_from(data, tokenizer, window: int, max_windows: Optional[int]) -> tuple[torch.Tensor, dict]:
+    """Token windows [n, window] and a description of where they came from."""
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.dtype not in (torch.int64, torch.int32):
             raise ValueError(
-                f"calibration data must be token ids of shape [windows, length] (int64); got {tuple(data.shape)} {data.dtype}"
+                f"calibration windows must be token ids of shape [windows, length] (int64); got {tuple(data.shape)} {data.dtype}"
             )
-        tokens, source = data.long(), "tensor"
-        if windows is not None:
-            tokens = tokens[:windows]
+        tokens, source = data.long()[:max_windows], "token windows"
     else:
-        if tokenizer is None:
-            raise ValueError(f"calibration data {data!r} is text: pass tokenizer= to tokenize it (or pass token windows)")
-        from armquant import data as data_module
+        from armquant.data import load_texts, token_windows
 
+        if tokenizer is None:
+            raise ValueError(f"calibration data {data!r} is text: pass tokenizer= to tokenize it, or pass token windows")
         if isinstance(data, (list, tuple)):
             texts, source = list(data), f"{len(data)} texts"
         else:
             source = str(data)
-            name, split = source, None
-            if ":" in source and not os.path.exists(source) and not source.startswith("hf:"):
-                name, _, split = source.partition(":")
-            texts = data_module.load_texts(name, split=split)
-        tokens = data_module.token_windows(tokenizer, texts, length, max_windows=windows)
-    if tokens.numel() == 0 or tokens.shape[0] == 0:
-        raise ValueError(
-            f"the calibration data {source!r} gives no complete window of {length} tokens; "
-            "use more text or a smaller window length (--length)"
-        )
-    if windows is not None and tokens.shape[0] < windows:
-        log.warning("calibration data %r gives only %d windows of %d tokens (asked for %d)", source, tokens.shape[0], length, windows)
+            texts = load_texts(source)
+        tokens = token_windows(tokenizer, texts, window, max_windows=max_windows)
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"the calibration data {source!r} holds no windows; give at least one window of tokens")
+    if max_windows is not None and tokens.shape[0] < max_windows and not isinstance(data, torch.Tensor):
+        log.warning("calibration data %r gives only %d windows of %d tokens (asked for %d)", source, tokens.shape[0], window, max_windows)
     return tokens, {"source": source, "windows": int(tokens.shape[0]), "length": int(tokens.shape[1]),
-                    "tokens": int(tokens.numel()), "requested_windows": windows}
+                    "tokens": int(tokens.numel()), "max_windows": max_windows}
 
 
 def calibrate(
@@ -409,8 +401,8 @@ def calibrate(
     data,
     *,
     tokenizer=None,
-    windows: Optional[int] = 128,
-    length: int = 512,
+    window: int = 512,
+    max_windows: Optional[int] = 128,
     seed: Optional[int] = None,
     spec: HistogramSpec = HistogramSpec(),
     progress: bool = True,
@@ -419,7 +411,7 @@ def calibrate(
 
     data: token windows [n, length] (LongTensor), a list of texts, or a source for
           armquant.data.load_texts ("sotu:calibration", a .txt file or folder); text needs tokenizer.
-    windows: how many windows to use (None: all); length: tokens per window (text data only).
+    window: tokens per window (text data); max_windows: how many windows to use (None: all).
     seed: ARM's random-stream key for the run (None: each ARM site keeps its own).
     A model without ARM is measured once, as the "off" side.
     """
@@ -427,7 +419,7 @@ def calibrate(
 
     from armquant.models import arm_enabled, arm_sites, describe
 
-    tokens, data_info = _windows_from(data, tokenizer, windows, length)
+    tokens, data_info = _windows_from(data, tokenizer, window, max_windows)
     sites_arm = arm_sites(model)
     sides = ("off", "on") if sites_arm else ("off",)
     observers: dict[str, dict[tuple[int, str], TensorStats]] = {side: {} for side in sides}
@@ -440,7 +432,7 @@ def calibrate(
         stats.update(x)
 
     decoder, _ = _layers(model)
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # the first device under a device map
     started = time.perf_counter()
     with _calibration_mode(model), _arm_seed(model, seed), observe(model, record):
         bar = tqdm(tokens, desc="calibrate", unit="window", disable=not progress)
@@ -496,7 +488,7 @@ class CalibrationReport:
         layers: dict[int, dict] = {}
         channel_absmax = {}
         for side, by_key in observers.items():
-            for (layer, site), stats in sorted(by_key.items()):
+            for (layer, site), stats in sorted(by_key.items(), key=lambda kv: (kv[0][0], list(SITES).index(kv[0][1]))):
                 entry = layers.setdefault(layer, {"layer": layer, "arm": arm is not None and layer in arm["layers"], "sites": {}})
                 summary = stats.summary(near_zero.get((layer, site), 0.0))
                 summary["histogram"] = stats.sparse_histogram()
@@ -576,7 +568,7 @@ class CalibrationReport:
                 channel = self.channel_absmax[(layer, site, side)].float().contiguous()
                 for name in modules:
                     prefix = f"model.layers.{layer}.{name}"
-                    tensors[f"{prefix}.input_channel_absmax"] = channel
+                    tensors[f"{prefix}.input_channel_absmax"] = channel.clone()  # safetensors refuses shared storage
                     tensors[f"{prefix}.input_absmax"] = torch.tensor(s["absmax"], dtype=torch.float32)
                     tensors[f"{prefix}.input_p99_99"] = torch.tensor(s["p99_99"], dtype=torch.float32)
                     tensors[f"{prefix}.input_scale_int8"] = torch.tensor(s["absmax"] / QUANT_FORMATS["int8"], dtype=torch.float32)
@@ -741,19 +733,40 @@ def format_table(report: dict, layers=None, sites=None) -> str:
     return "\n".join(lines)
 
 
+def _grid(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    return ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [header, *rows]]
+
+
 def format_summary(report: dict) -> str:
+    """The headline: each metric at the ARM layers (off, on, change), and its median change over
+    the layers downstream."""
     rows = report["summary"]
     if not rows:
         return report.get("note") or ""
+    at_arm = [r for r in rows if r["off"] is not None]
     lines = []
-    for r in rows:
-        m = r["metric"]
-        if r["off"] is not None:
-            lines.append(f"{r['where']:<22} {r['site']:<8} {m:<18} {_fmt(r['off'], m):>10} -> {_fmt(r['on'], m):>10}  {_fmt_change(r['change'], m)}")
-        else:
-            lines.append(f"{r['where']:<22} {r['site']:<8} {m:<18} {'':>10}    {'':>10}  {_fmt_change(r['change'], m)}"
-                         f"  (largest |change| {_fmt_change(r['max_abs_change'], m).lstrip('+')})")
-    return "\n".join(lines)
+    for where in dict.fromkeys(r["where"] for r in at_arm):
+        for site in ("arm_out", "down_in"):
+            sel = [r for r in at_arm if r["where"] == where and r["site"] == site]
+            lines.append(f"{where}, {site} ({report['sites'][site]}):")
+            lines += _grid(["metric", "ARM off", "ARM on", "change"],
+                           [[r["metric"], _fmt(r["off"], r["metric"]), _fmt(r["on"], r["metric"]), _fmt_change(r["change"], r["metric"])] for r in sel])
+            lines.append("")
+    down = [r for r in rows if r["off"] is None]
+    if down:
+        where = down[0]["where"]
+        sites = list(dict.fromkeys(r["site"] for r in down))
+        lines.append(f"{where.replace(' (median)', '')}: median change ARM off -> on (largest |change| in brackets):")
+        body = []
+        for metric in dict.fromkeys(r["metric"] for r in down):
+            cells = []
+            for site in sites:
+                r = next((r for r in down if r["site"] == site and r["metric"] == metric), None)
+                cells.append("-" if r is None else f"{_fmt_change(r['change'], metric)} [{_fmt_change(r['max_abs_change'], metric).lstrip('+')}]")
+            body.append([metric, *cells])
+        lines += _grid(["metric", *sites], body)
+    return "\n".join(lines).rstrip()
 
 
 def _environment() -> dict:
@@ -768,3 +781,110 @@ def _environment() -> dict:
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+OUTPUT_FILES = (REPORT_FILE, ARTIFACT_TENSORS, ARTIFACT_META, "calibration_histograms.png", "calibration_layers.png")
+
+
+def _output_dir(args) -> Path:
+    if args.out:
+        return Path(args.out)
+    if (Path(args.model) / "config.json").is_file():
+        return Path(args.model)  # next to the checkpoint
+    raise ValueError(f"{args.model} is not a checkpoint folder, so there is nowhere beside it to write; pass --out DIR")
+
+
+def _dispatch(model: nn.Module, device_map: str) -> nn.Module:
+    """Spread the model over the available devices with accelerate (for models that do not fit one)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    _, layers = _layers(model)
+    plan = infer_auto_device_map(model, no_split_module_classes=[type(layers[0]).__name__])
+    log.info("device map: %s", plan)
+    return dispatch_model(model, plan)
+
+
+def _cmd_calibrate(args) -> int:
+    from armquant.models import load_from_args
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = _output_dir(args)
+    existing = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them or choose --out")
+    model, tokenizer = load_from_args(args, device="cpu" if args.device_map else args.device)
+    if args.device_map:
+        model = _dispatch(model, args.device_map)
+    report = calibrate(model, args.data, tokenizer=tokenizer, window=args.window, max_windows=args.max_windows, seed=args.seed)
+    report.data["command"] = "armquant " + " ".join(args.argv)
+    data = report.data
+    print(f"{args.model}: {data['data']['windows']} windows x {data['data']['length']} tokens from {data['data']['source']}, "
+          f"{data['elapsed_s']:.0f} s")
+    if args.table:
+        print(report.table(sites=args.table_sites))
+        print()
+    print(format_summary(data))
+    written = _write_outputs(report, out, figures=not args.no_figures, artifacts=not args.no_artifacts)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _write_outputs(report: CalibrationReport, out: Path, figures: bool = True, artifacts: bool = True) -> list[Path]:
+    """Write everything into a staging folder first, then move the files into `out`, the report
+    last: a failure on the way leaves no output behind, and never a half-written one."""
+    import shutil
+    import tempfile
+
+    from armquant.plots import plot_histograms, plot_layers
+
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".calibration.", suffix=".tmp", dir=out))
+    try:
+        staged = []
+        if figures:
+            if report.data["arm"] is not None:
+                staged.append(plot_histograms(report.data, stage / "calibration_histograms.png"))
+            staged.append(plot_layers(report.data, stage / "calibration_layers.png"))
+        if artifacts:
+            staged += report.save_artifacts(stage)
+        staged.append(report.save(stage / REPORT_FILE))
+        written = []
+        for path in staged:
+            os.chmod(path, 0o644)
+            os.replace(path, out / path.name)
+            written.append(out / path.name)
+        return written
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def add_cli(subparsers) -> None:
+    import sys
+
+    from armquant.models import add_arm_arguments
+
+    p = subparsers.add_parser(
+        "calibrate", help="activation statistics with ARM off and on, and static activation scales",
+        description="Run calibration windows through the model twice (ARM off, then ARM on with the same seed) "
+        "with hooks on every decoder layer; print before/after statistics and quantization SQNR, write "
+        f"{REPORT_FILE}, figures, and the activation scales quantization uses ({ARTIFACT_TENSORS} + {ARTIFACT_META}).",
+    )
+    p.add_argument("model", help="bundled name (smollm2-135m, gemma3-270m), .gguf file or checkpoint folder")
+    p.add_argument("--data", default="sotu:calibration", help="data source (default: sotu:calibration; also a .txt file, a folder, hf:DATASET:CONFIG:SPLIT)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--max-windows", type=int, default=128, help="number of windows (default 128)")
+    p.add_argument("--seed", type=int, default=None, help="ARM random-stream key for the run (default: the model's)")
+    p.add_argument("--out", help="output folder (default: the checkpoint folder itself)")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier calibration outputs in the output folder")
+    p.add_argument("--table", action="store_true", help="also print the per-layer table")
+    p.add_argument("--table-sites", nargs="+", choices=list(SITES), help="sites in the per-layer table (default: all)")
+    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    p.add_argument("--no-artifacts", action="store_true", help=f"skip {ARTIFACT_TENSORS} and {ARTIFACT_META}")
+    p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
+    p.add_argument("--device-map", choices=["auto"], help="spread the model over the available devices with accelerate")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    add_arm_arguments(p)
+    p.set_defaults(handler=_cmd_calibrate, argv=sys.argv[1:])

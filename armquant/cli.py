@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = [
     "armquant.models",  # convert, info
     "armquant.evaluate",  # eval
+    "armquant.calibrate",  # calibrate
 ]
 
 

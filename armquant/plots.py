@@ -107,6 +107,8 @@ def plot_layers(report: dict, path: str | os.PathLike, site: str = "down_in") ->
             ax.bar(x + (k - (len(sides) - 1) / 2) * width, ys, width, label=f"ARM {side}",
                    color=("tab:blue", "tab:orange")[k])
         ax.set_ylabel(label, fontsize=9)
+        if label == "absmax":
+            ax.set_yscale("log")  # a few layers carry outliers 100x the rest
         for e in layers:
             if e["arm"]:
                 ax.axvspan(e["layer"] - 0.5, e["layer"] + 0.5, color="0.9", zorder=0)
