@@ -442,10 +442,10 @@ def calibrate(
                 current["side"] = side
                 with arm_enabled(model, side == "on"):
                     decoder(input_ids=ids, use_cache=False)  # the LM head adds nothing to measure
+        arm_info = None  # as run, with the seed of this run
+        if sites_arm:
+            arm_info = {"layers": sorted(sites_arm), "config": {str(i): s.arm.config.to_dict() for i, s in sites_arm.items()}}
     elapsed = time.perf_counter() - started
-    arm_info = None
-    if sites_arm:
-        arm_info = {"layers": sorted(sites_arm), "config": {str(i): s.arm.config.to_dict() for i, s in sites_arm.items()}}
     return CalibrationReport.from_observers(
         observers, model_info=describe(model), arm=arm_info, data=data_info, seed=seed, spec=spec,
         elapsed_s=elapsed,
@@ -491,7 +491,8 @@ class CalibrationReport:
             for (layer, site), stats in sorted(by_key.items(), key=lambda kv: (kv[0][0], list(SITES).index(kv[0][1]))):
                 entry = layers.setdefault(layer, {"layer": layer, "arm": arm is not None and layer in arm["layers"], "sites": {}})
                 summary = stats.summary(near_zero.get((layer, site), 0.0))
-                summary["histogram"] = stats.sparse_histogram()
+                if entry["arm"]:  # histograms of every layer would make the report tens of MB
+                    summary["histogram"] = stats.sparse_histogram()
                 entry["sites"].setdefault(site, {})[side] = summary
                 channel_absmax[(layer, site, side)] = stats.channel_absmax
         report = {
@@ -510,7 +511,8 @@ class CalibrationReport:
                 "kurtosis": "Pearson (normal distribution = 3)",
                 "sqnr_db": "10 log10(sum x^2 / sum (x - q(x))^2), symmetric round-to-nearest; 'tensor' = one "
                 "dynamic scale per window (absmax / qmax), 'token' = one per token; int8 qmax 127, int4 qmax 7",
-                "change": "percent for ranges and shapes, dB for SQNR, percentage points x 0.01 for near_zero",
+                "change": "percent for ranges and shapes, dB for SQNR, difference of shares for near_zero",
+                "histogram": "sparse signed log-spaced bin counts, kept at the ARM layers only",
             },
             "histogram": {**spec.to_dict(), "relative_resolution": spec.relative_resolution},
             "layers": [layers[i] for i in sorted(layers)],
@@ -819,7 +821,13 @@ def _cmd_calibrate(args) -> int:
     if args.device_map:
         model = _dispatch(model, args.device_map)
     report = calibrate(model, args.data, tokenizer=tokenizer, window=args.window, max_windows=args.max_windows, seed=args.seed)
-    report.data["command"] = "armquant " + " ".join(args.argv)
+    report.data["command"] = " ".join(
+        ["armquant calibrate", str(args.model), "--data", str(args.data), "--window", str(args.window),
+         "--max-windows", str(args.max_windows)]
+        + (["--seed", str(args.seed)] if args.seed is not None else [])
+        + (["--arm", args.arm] if args.arm else []) + (["--arm-layers", *map(str, args.arm_layers)] if args.arm_layers else [])
+        + (["--threads", str(args.threads)] if args.threads else []) + ["--device", args.device]
+    )
     data = report.data
     print(f"{args.model}: {data['data']['windows']} windows x {data['data']['length']} tokens from {data['data']['source']}, "
           f"{data['elapsed_s']:.0f} s")
@@ -862,8 +870,6 @@ def _write_outputs(report: CalibrationReport, out: Path, figures: bool = True, a
 
 
 def add_cli(subparsers) -> None:
-    import sys
-
     from armquant.models import add_arm_arguments
 
     p = subparsers.add_parser(
@@ -887,4 +893,4 @@ def add_cli(subparsers) -> None:
     p.add_argument("--device-map", choices=["auto"], help="spread the model over the available devices with accelerate")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     add_arm_arguments(p)
-    p.set_defaults(handler=_cmd_calibrate, argv=sys.argv[1:])
+    p.set_defaults(handler=_cmd_calibrate)

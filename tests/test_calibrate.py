@@ -153,6 +153,7 @@ def test_same_seed_same_report_and_hooks_removed():
     b = calibrate(model, windows(), seed=7, progress=False)
     strip = lambda d: {k: v for k, v in d.items() if k not in ("elapsed_s",)}  # noqa: E731
     assert json.dumps(strip(a.data), default=str) == json.dumps(strip(b.data), default=str)
+    assert a.data["arm"]["config"]["0"]["seed"] == 7  # the report records the seed it ran with
     assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks_before
     assert all(site.arm.config.seed == 0 for site in armquant.models.arm_sites(model).values())  # seed restored
 
@@ -270,7 +271,8 @@ def test_cli_writes_everything_or_nothing(tmp_path, capsys):
     assert {"calibration_report.json", "calibration.safetensors", "calibration.json",
             "calibration_histograms.png", "calibration_layers.png"} <= names
     assert not [n for n in names if n.endswith(".tmp")]
-    assert CalibrationReport.load(ckpt / "calibration_report.json").data["data"]["windows"] == 4
+    saved = CalibrationReport.load(ckpt / "calibration_report.json").data
+    assert saved["data"]["windows"] == 4 and saved["command"].startswith(f"armquant calibrate {ckpt}")
     # A second run refuses to replace the outputs unless asked.
     assert main(args) == 1
     assert "--overwrite" in capsys.readouterr().err
