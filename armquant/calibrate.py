@@ -371,6 +371,8 @@ def _arm_seed(model: nn.Module, seed: Optional[int]):
 
 def _windows_from(data, tokenizer, window: int, max_windows: Optional[int]) -> tuple[torch.Tensor, dict]:
     """Token windows [n, window] and a description of where they came from."""
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows={max_windows} must be at least 1 (or None for all windows)")
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.dtype not in (torch.int64, torch.int32):
             raise ValueError(
@@ -436,8 +438,8 @@ def calibrate(
     started = time.perf_counter()
     with _calibration_mode(model), _arm_seed(model, seed), observe(model, record):
         bar = tqdm(tokens, desc="calibrate", unit="window", disable=not progress)
-        for window in bar:
-            ids = window[None].to(device)  # [1, L]: full windows, no padding, so no attention mask
+        for row in bar:
+            ids = row[None].to(device)  # [1, L]: full windows, no padding, so no attention mask
             for side in sides:
                 current["side"] = side
                 with arm_enabled(model, side == "on"):

@@ -230,6 +230,8 @@ def test_bad_input_messages(tmp_path):
     model = arm_model()
     with pytest.raises(ValueError, match="no windows"):
         calibrate(model, torch.zeros(0, 64, dtype=torch.long), progress=False)
+    with pytest.raises(ValueError, match="at least 1"):
+        calibrate(model, windows(), max_windows=0, progress=False)
     with pytest.raises(ValueError, match="shape"):
         calibrate(model, torch.zeros(64), progress=False)
     with pytest.raises(ValueError, match="fewer than one window"):
@@ -295,3 +297,11 @@ def test_bundled_model_arm_layer_statistics():
     assert on["near_zero"] < off["near_zero"]
     assert on["absmax"] <= off["absmax"]
     assert len(report.data["layers"]) == 30
+
+
+def test_calibrate_runs_under_an_accelerate_device_map():
+    from armquant.calibrate import _dispatch
+
+    model = _dispatch(arm_model(), "auto")  # CPU only here: everything maps to "cpu"
+    report = calibrate(model, windows(1), progress=False)
+    assert report.data["sides"] == ["off", "on"] and len(report.data["layers"]) == 2
