@@ -433,6 +433,7 @@ def calibrate(
             stats = observers[current["side"]][(layer, site)] = TensorStats(x.shape[-1], spec)
         stats.update(x)
 
+    environment = _environment()  # before the pass: the code that runs is the code at this revision
     decoder, _ = _layers(model)
     device = model.get_input_embeddings().weight.device  # the first device under a device map
     started = time.perf_counter()
@@ -450,7 +451,7 @@ def calibrate(
     elapsed = time.perf_counter() - started
     return CalibrationReport.from_observers(
         observers, model_info=describe(model), arm=arm_info, data=data_info, seed=seed, spec=spec,
-        elapsed_s=elapsed,
+        elapsed_s=elapsed, environment=environment,
     )
 
 
@@ -481,7 +482,7 @@ class CalibrationReport:
     channel_absmax: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_observers(cls, observers, *, model_info, arm, data, seed, spec, elapsed_s) -> "CalibrationReport":
+    def from_observers(cls, observers, *, model_info, arm, data, seed, spec, elapsed_s, environment) -> "CalibrationReport":
         first = observers["off"]
         near_zero = {}  # one threshold per (layer, site), the same for both sides
         for key, stats in first.items():
@@ -519,7 +520,7 @@ class CalibrationReport:
             "histogram": {**spec.to_dict(), "relative_resolution": spec.relative_resolution},
             "layers": [layers[i] for i in sorted(layers)],
             "elapsed_s": elapsed_s,
-            "environment": _environment(),
+            "environment": environment,
         }
         report["summary"] = _summarize(report)
         return cls(report, channel_absmax)
