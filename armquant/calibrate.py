@@ -25,8 +25,6 @@ import json
 import logging
 import math
 import os
-import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -777,15 +775,9 @@ def format_summary(report: dict) -> str:
 def _environment() -> dict:
     import transformers
 
-    rev = None
-    with contextlib.suppress(Exception):
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent).stdout.strip()
-    return {
-        "git_rev": rev, "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
+    from armquant._provenance import provenance
+
+    return {**provenance(), "transformers": transformers.__version__}
 
 
 # --- CLI --------------------------------------------------------------------------------------
@@ -824,13 +816,6 @@ def _cmd_calibrate(args) -> int:
     if args.device_map:
         model = _dispatch(model, args.device_map)
     report = calibrate(model, args.data, tokenizer=tokenizer, window=args.window, max_windows=args.max_windows, seed=args.seed)
-    report.data["command"] = " ".join(
-        ["armquant calibrate", str(args.model), "--data", str(args.data), "--window", str(args.window),
-         "--max-windows", str(args.max_windows)]
-        + (["--seed", str(args.seed)] if args.seed is not None else [])
-        + (["--arm", args.arm] if args.arm else []) + (["--arm-layers", *map(str, args.arm_layers)] if args.arm_layers else [])
-        + (["--threads", str(args.threads)] if args.threads else []) + ["--device", args.device]
-    )
     data = report.data
     print(f"{args.model}: {data['data']['windows']} windows x {data['data']['length']} tokens from {data['data']['source']}, "
           f"{data['elapsed_s']:.0f} s")
