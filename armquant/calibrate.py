@@ -202,8 +202,11 @@ class TensorStats:
             self.min = min(self.min, values.min().item() if self.nonfinite else low.min().item())
             self.max = max(self.max, values.max().item() if self.nonfinite else high.max().item())
             self.histogram += torch.bincount(self.spec.bin_of(values), minlength=self.spec.size).cpu()
-        if self.channel_absmax is None or self.channel_absmax.numel() != channel_absmax.numel():
+        if self.channel_absmax is None:
             self.channel_absmax = torch.zeros(channel_absmax.numel())
+        if self.channel_absmax.numel() != channel_absmax.numel():
+            raise ValueError(f"this observer saw {self.channel_absmax.numel()} channels before and {channel_absmax.numel()} now; "
+                             "use one TensorStats per tensor")
         torch.maximum(self.channel_absmax, channel_absmax.cpu(), out=self.channel_absmax)
         self.signal += moments[2] + moments[0] * moments[1] ** 2  # sum x^2 = M2 + n mean^2
         tensor_absmax = channel_absmax.max()
