@@ -1,0 +1,635 @@
+// The ARM operator on the CPU, bit for bit as docs/arm-op-spec.md defines it.
+//
+// Per group (scope) we need order statistics of the valid values: the lower median m of |x|,
+// the MAD (the same rank of |a - m|), the rank n-1 of |x| (the selection threshold) and two
+// adjacent ranks of the percentile pool. Two strategies, both O(N):
+//  - small groups (a token's channels): copy into scratch and use std::nth_element;
+//    groups are spread across threads.
+//  - large groups (a whole sequence or tensor): radix select on the float bit patterns, which
+//    order like the values. A 65536-bin histogram of the high 16 bits finds the bin holding a
+//    rank, a second pass over that bin's low 16 bits finds the value (16-bit dtypes are exact
+//    after the first level). Every pass reads x in place and is split across threads.
+// Selection takes all a < t plus the first (n - count(a < t)) elements with a == t in flat
+// order, where t is the rank n-1 value of a: the spec's (a, flat index) order.
+//
+// Bit exactness: build with -ffp-contract=off (no fused multiply-add), float math in float32,
+// the share and percentile in double, exactly in the spec's evaluation order.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <thread>
+#include <vector>
+
+#include "arm_internal.h"
+
+namespace armq {
+namespace {
+
+// ---- dtypes ---------------------------------------------------------------------------
+
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float float_of(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+const float* half_table() {
+  // Exact float value of every float16 bit pattern (widening is exact).
+  static const std::vector<float> table = [] {
+    std::vector<float> t(65536);
+    for (uint32_t h = 0; h < 65536; ++h) {
+      uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+      float v;
+      if (exp == 0) {
+        v = std::ldexp(static_cast<float>(mant), -24);
+      } else if (exp == 31) {
+        v = mant ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+      } else {
+        v = std::ldexp(static_cast<float>(mant | 0x400u), static_cast<int>(exp) - 25);
+      }
+      t[h] = float_of(bits_of(v) | sign);
+    }
+    return t;
+  }();
+  return table.data();
+}
+
+// float32 -> float16, round to nearest even (values here are finite).
+inline uint16_t half_from_float(float value) {
+  uint32_t f = bits_of(value);
+  const uint32_t sign = f & 0x80000000u;
+  f ^= sign;
+  uint32_t out;
+  if (f >= (143u << 23)) {  // >= 65536: overflow (or NaN/Inf)
+    out = f > (255u << 23) ? 0x7e00u : 0x7c00u;
+  } else if (f < (113u << 23)) {  // float16 subnormal or zero: let a float add round it
+    const uint32_t magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+    out = bits_of(float_of(f) + float_of(magic)) - magic;
+  } else {
+    const uint32_t mant_odd = (f >> 13) & 1u;
+    f += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu;
+    f += mant_odd;
+    out = f >> 13;
+  }
+  return static_cast<uint16_t>(out | (sign >> 16));
+}
+
+// float32 -> bfloat16, round to nearest even (values here are finite).
+inline uint16_t bfloat_from_float(float value) {
+  uint32_t u = bits_of(value);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Keys are unsigned integers that order like the values: akey like |x|, skey like x.
+// A 32-bit key splits into a high and a low 16-bit half; a 16-bit key is its own high half.
+struct Float32 {
+  using Raw = uint32_t;
+  static constexpr bool kExactHigh = false;
+  static float value(Raw r) { return float_of(r); }
+  static Raw raw_of(float v) { return bits_of(v); }
+  static bool finite(Raw r) { return (r & 0x7f800000u) != 0x7f800000u; }
+  static uint32_t akey(Raw r) { return r & 0x7fffffffu; }
+  static uint32_t skey(Raw r) { return r ^ ((r & 0x80000000u) ? 0xffffffffu : 0x80000000u); }
+  static float from_akey(uint32_t k) { return float_of(k); }
+  static float from_skey(uint32_t k) { return float_of(k ^ ((k & 0x80000000u) ? 0x80000000u : 0xffffffffu)); }
+};
+
+struct Float16 {
+  using Raw = uint16_t;
+  static constexpr bool kExactHigh = true;
+  static float value(Raw r) { return half_table()[r]; }
+  static Raw raw_of(float v) { return half_from_float(v); }
+  static bool finite(Raw r) { return (r & 0x7c00u) != 0x7c00u; }
+  static uint32_t akey(Raw r) { return r & 0x7fffu; }
+  static uint32_t skey(Raw r) { return r ^ ((r & 0x8000u) ? 0xffffu : 0x8000u); }
+  static float from_akey(uint32_t k) { return value(static_cast<Raw>(k)); }
+  static float from_skey(uint32_t k) { return value(static_cast<Raw>(k ^ ((k & 0x8000u) ? 0x8000u : 0xffffu))); }
+};
+
+struct BFloat16 {
+  using Raw = uint16_t;
+  static constexpr bool kExactHigh = true;
+  static float value(Raw r) { return float_of(static_cast<uint32_t>(r) << 16); }
+  static Raw raw_of(float v) { return bfloat_from_float(v); }
+  static bool finite(Raw r) { return (r & 0x7f80u) != 0x7f80u; }
+  static uint32_t akey(Raw r) { return r & 0x7fffu; }
+  static uint32_t skey(Raw r) { return r ^ ((r & 0x8000u) ? 0xffffu : 0x8000u); }
+  static float from_akey(uint32_t k) { return value(static_cast<Raw>(k)); }
+  static float from_skey(uint32_t k) { return value(static_cast<Raw>(k ^ ((k & 0x8000u) ? 0x8000u : 0xffffu))); }
+};
+
+// ---- the parts of the spec shared by both strategies -----------------------------------
+
+struct Problem {
+  const void* x;
+  void* y;
+  int64_t B, S, I;
+  const void* mask;
+  armq_mask_type mask_type;
+  const int64_t* positions;
+  armq_attrs attrs;
+};
+
+inline bool token_valid(const Problem& p, int64_t token) {
+  switch (p.mask_type) {
+    case ARMQ_MASK_BOOL:
+      return static_cast<const uint8_t*>(p.mask)[token] != 0;
+    case ARMQ_MASK_INT64:
+      return static_cast<const int64_t*>(p.mask)[token] != 0;
+    default:
+      return true;
+  }
+}
+
+inline int64_t token_position(const Problem& p, int64_t token) {
+  return p.positions ? p.positions[token] : token % p.S;
+}
+
+// Step 5-6: how many elements move, from N valid and count(a < eps).
+inline int64_t moved_count(const armq_attrs& at, int64_t N, int64_t near_zero) {
+  double frac;
+  if (at.share_fixed) {
+    frac = std::min(std::max(static_cast<double>(at.c), 0.0), 1.0);
+  } else {
+    frac = (static_cast<double>(at.k) * static_cast<double>(near_zero)) / static_cast<double>(N);
+    frac = std::min(std::max(frac, static_cast<double>(at.pmin)), static_cast<double>(at.pmax));
+  }
+  double n = std::nearbyint(frac * static_cast<double>(N));  // half to even (default mode)
+  if (n < 1.0) n = 1.0;
+  return std::min(static_cast<int64_t>(n), N);
+}
+
+// Step 8: the ranks of the percentile pool that interpolation needs.
+struct PercentileRanks {
+  double h, lo;
+  int64_t lo_index, hi_index;
+};
+inline PercentileRanks percentile_ranks(const armq_attrs& at, int64_t N) {
+  PercentileRanks r;
+  r.h = (static_cast<double>(N - 1) * static_cast<double>(at.p1)) / 100.0;
+  r.lo = std::floor(r.h);
+  r.lo_index = std::max<int64_t>(static_cast<int64_t>(r.lo), 0);
+  r.hi_index = std::min<int64_t>(r.lo_index + 1, N - 1);
+  return r;
+}
+inline float interpolate(const PercentileRanks& r, float v_lo, float v_hi) {
+  const double lo = v_lo, hi = v_hi;
+  return static_cast<float>(lo + (r.h - r.lo) * (hi - lo));
+}
+
+inline float epsilon(const armq_attrs& at, float mad) {
+  const float scaled = at.kappa * mad;  // each product rounded to float32
+  return scaled * at.c;
+}
+
+// Step 10 for one selected element.
+template <class D>
+inline typename D::Raw moved_value(const Problem& p, float x, int64_t token, int64_t channel, float q_p, float m_neg) {
+  const int64_t pos = token_position(p, token);
+  const uint32_t w = philox4x32_10_w0(static_cast<uint32_t>(channel), static_cast<uint32_t>(pos),
+                                      static_cast<uint32_t>(static_cast<uint64_t>(pos) >> 32), 0u,
+                                      static_cast<uint32_t>(p.attrs.seed),
+                                      static_cast<uint32_t>(p.attrs.seed >> 32));
+  const float u = static_cast<float>(w >> 8) * 0x1p-24f;
+  const float y = x >= 0.0f ? (u * q_p) : -(u * m_neg);
+  return D::raw_of(y);
+}
+
+// The statistics of one group that the selection pass needs.
+struct Stats {
+  int64_t n_valid = 0;
+  float threshold = 0;       // t: the rank n-1 value of a
+  int64_t tie_quota = 0;     // elements with a == t still to take (in flat order)
+  float q_p = 0, m_neg = 0;  // targets for positive and negative elements
+};
+
+// Selection and rewrite over flat elements [begin, end) of the tensor.
+template <class D>
+void select_and_move(const Problem& p, int64_t begin, int64_t end, const Stats& st, int64_t tie_quota) {
+  using Raw = typename D::Raw;
+  const Raw* x = static_cast<const Raw*>(p.x);
+  Raw* y = static_cast<Raw*>(p.y);
+  const float t = st.threshold;
+  int64_t e = begin;
+  while (e < end) {
+    const int64_t token = e / p.I;
+    const int64_t token_end = std::min(end, (token + 1) * p.I);
+    if (!token_valid(p, token)) {
+      e = token_end;
+      continue;
+    }
+    for (; e < token_end; ++e) {
+      const Raw r = x[e];
+      if (!D::finite(r)) continue;
+      const float v = D::value(r);
+      const float a = std::fabs(v);
+      if (a < t || (a == t && tie_quota > 0)) {
+        if (!(a < t)) --tie_quota;
+        y[e] = moved_value<D>(p, v, token, e - token * p.I, st.q_p, st.m_neg);
+      }
+    }
+  }
+}
+
+template <class F>
+void run_threads(int threads, F&& body) {
+  if (threads <= 1) {
+    body(0);
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  for (int t = 1; t < threads; ++t) pool.emplace_back(body, t);
+  body(0);
+  for (auto& th : pool) th.join();
+}
+
+// ---- small groups: nth_element on scratch copies ----------------------------------------
+
+template <class D>
+void small_group(const Problem& p, int64_t begin, int64_t end, std::vector<float>& vals, std::vector<float>& work) {
+  using Raw = typename D::Raw;
+  const Raw* x = static_cast<const Raw*>(p.x);
+  std::memcpy(static_cast<Raw*>(p.y) + begin, x + begin, (end - begin) * sizeof(Raw));
+  vals.clear();
+  float x_min = INFINITY;
+  for (int64_t token = begin / p.I; token * p.I < end; ++token) {
+    if (!token_valid(p, token)) continue;
+    for (int64_t e = token * p.I, stop = std::min(end, e + p.I); e < stop; ++e) {
+      if (!D::finite(x[e])) continue;
+      const float v = D::value(x[e]);
+      vals.push_back(v);
+      x_min = std::min(x_min, v);
+    }
+  }
+  const int64_t N = static_cast<int64_t>(vals.size());
+  if (N == 0) return;
+  const int64_t rank = (N - 1) / 2;
+  work.resize(N);
+  for (int64_t j = 0; j < N; ++j) work[j] = std::fabs(vals[j]);
+  std::nth_element(work.begin(), work.begin() + rank, work.end());
+  const float m = work[rank];
+
+  Stats st;
+  st.n_valid = N;
+  st.m_neg = std::fabs(x_min);
+  // Percentile first, while vals is still free to reorder.
+  const PercentileRanks pr = percentile_ranks(p.attrs, N);
+  {
+    if (p.attrs.percentile_abs) {
+      for (auto& v : vals) v = std::fabs(v);  // the pool is a; signed values are not needed again
+    }
+    std::nth_element(vals.begin(), vals.begin() + pr.lo_index, vals.end());
+    const float v_lo = vals[pr.lo_index];
+    float v_hi = v_lo;
+    if (pr.hi_index != pr.lo_index) v_hi = *std::min_element(vals.begin() + pr.lo_index + 1, vals.end());
+    st.q_p = interpolate(pr, v_lo, v_hi);
+  }
+  // vals now holds an arbitrary permutation; rebuild deviations from work (also a permutation of a).
+  vals.resize(N);
+  for (int64_t j = 0; j < N; ++j) vals[j] = std::fabs(work[j] - m);
+  std::nth_element(vals.begin(), vals.begin() + rank, vals.end());
+  const float eps = epsilon(p.attrs, vals[rank]);
+  int64_t near_zero = 0;
+  for (int64_t j = 0; j < N; ++j) near_zero += work[j] < eps;
+  const int64_t n = moved_count(p.attrs, N, near_zero);
+  std::nth_element(work.begin(), work.begin() + (n - 1), work.end());
+  st.threshold = work[n - 1];
+  int64_t below = 0;
+  for (int64_t j = 0; j < N; ++j) below += work[j] < st.threshold;
+  st.tie_quota = n - below;
+  select_and_move<D>(p, begin, end, st, st.tie_quota);
+}
+
+// ---- large groups: radix select with per-thread histograms ------------------------------
+
+constexpr int kBins = 65536;
+
+// Bin holding rank k of a histogram, and the rank left inside that bin.
+inline uint32_t bin_of_rank(const uint64_t* hist, int64_t k, int64_t* rank_in_bin) {
+  int64_t cum = 0;
+  for (uint32_t b = 0; b < static_cast<uint32_t>(kBins); ++b) {
+    if (cum + static_cast<int64_t>(hist[b]) > k) {
+      *rank_in_bin = k - cum;
+      return b;
+    }
+    cum += static_cast<int64_t>(hist[b]);
+  }
+  *rank_in_bin = 0;
+  return kBins - 1;  // unreachable for k < total
+}
+
+template <class D>
+class LargeGroup {
+ public:
+  using Raw = typename D::Raw;
+
+  LargeGroup(const Problem& p, int64_t begin, int64_t end, int threads)
+      : p_(p), x_(static_cast<const Raw*>(p.x)), begin_(begin), end_(end), threads_(threads) {
+    local_.resize(threads_ * static_cast<size_t>(kBins));
+  }
+
+  void run() {
+    using std::vector;
+    const bool signed_pool = !p_.attrs.percentile_abs;
+    // Pass 1: copy x to y; histograms of the high halves of akey and skey; N; min x.
+    vector<uint32_t> local_a(threads_ * static_cast<size_t>(kBins));
+    vector<uint64_t> count(threads_, 0);
+    vector<float> mins(threads_, INFINITY);
+    run_threads(threads_, [&](int t) {
+      int64_t b, e;
+      chunk(t, &b, &e);
+      std::memcpy(static_cast<Raw*>(p_.y) + b, x_ + b, (e - b) * sizeof(Raw));
+      uint32_t* ha = &local_a[t * static_cast<size_t>(kBins)];
+      uint32_t* hs = &local_[t * static_cast<size_t>(kBins)];
+      std::fill(ha, ha + kBins, 0u);
+      if (signed_pool) std::fill(hs, hs + kBins, 0u);
+      uint64_t c = 0;
+      float lo = INFINITY;
+      for_valid(b, e, [&](int64_t, Raw r) {
+        ++ha[high(D::akey(r))];
+        if (signed_pool) ++hs[high(D::skey(r))];
+        lo = std::min(lo, D::value(r));
+        ++c;
+      });
+      count[t] = c;
+      mins[t] = lo;
+    });
+    int64_t N = 0;
+    float x_min = INFINITY;
+    for (int t = 0; t < threads_; ++t) {
+      N += static_cast<int64_t>(count[t]);
+      x_min = std::min(x_min, mins[t]);
+    }
+    if (N == 0) return;
+    vector<uint64_t> hist_a = merge(local_a);
+    vector<uint64_t> hist_s = signed_pool ? merge(local_) : vector<uint64_t>();
+    const uint64_t* pool_hist = signed_pool ? hist_s.data() : hist_a.data();
+    auto pool_key = [signed_pool](Raw r) { return signed_pool ? D::skey(r) : D::akey(r); };
+    auto pool_value = [signed_pool](uint32_t k) { return signed_pool ? D::from_skey(k) : D::from_akey(k); };
+
+    // The median m of a and the percentile ranks of the pool.
+    const int64_t rank = (N - 1) / 2;
+    const PercentileRanks pr = percentile_ranks(p_.attrs, N);
+    int64_t in_m, in_lo, in_hi;
+    const uint32_t bin_m = bin_of_rank(hist_a.data(), rank, &in_m);
+    const uint32_t bin_lo = bin_of_rank(pool_hist, pr.lo_index, &in_lo);
+    const uint32_t bin_hi = bin_of_rank(pool_hist, pr.hi_index, &in_hi);
+    float m, v_lo, v_hi;
+    if (D::kExactHigh) {
+      m = D::from_akey(bin_m);
+      v_lo = pool_value(bin_lo);
+      v_hi = pool_value(bin_hi);
+    } else {
+      // Pass 2: low halves inside those bins.
+      vector<uint64_t> low_m, low_lo, low_hi;
+      const bool same = bin_hi == bin_lo;
+      low_histograms(same ? 2 : 3, {&low_m, &low_lo, &low_hi}, [&](Raw r, uint32_t** h) {
+        const uint32_t ka = D::akey(r), kp = pool_key(r);
+        if (high(ka) == bin_m) ++h[0][ka & 0xffffu];
+        if (high(kp) == bin_lo) ++h[1][kp & 0xffffu];
+        else if (!same && high(kp) == bin_hi) ++h[2][kp & 0xffffu];
+      });
+      if (bin_hi == bin_lo) low_hi = low_lo;
+      int64_t unused;
+      m = D::from_akey((bin_m << 16) | bin_of_rank(low_m.data(), in_m, &unused));
+      v_lo = pool_value((bin_lo << 16) | bin_of_rank(low_lo.data(), in_lo, &unused));
+      v_hi = pool_value((bin_hi << 16) | bin_of_rank(low_hi.data(), in_hi, &unused));
+    }
+    Stats st;
+    st.n_valid = N;
+    st.m_neg = std::fabs(x_min);
+    st.q_p = interpolate(pr, v_lo, v_hi);
+
+    // Passes 3-4: the MAD, rank `rank` of |a - m| (a float32 key of its own).
+    const float mad = [&] {
+      auto dkey = [m](Raw r) { return bits_of(std::fabs(std::fabs(D::value(r)) - m)); };
+      vector<uint64_t> hist_d;
+      low_histograms(1, {&hist_d}, [&](Raw r, uint32_t** h) { ++h[0][dkey(r) >> 16]; });
+      int64_t in_d, unused;
+      const uint32_t bin_d = bin_of_rank(hist_d.data(), rank, &in_d);
+      vector<uint64_t> low_d;
+      low_histograms(1, {&low_d}, [&](Raw r, uint32_t** h) {
+        const uint32_t k = dkey(r);
+        if ((k >> 16) == bin_d) ++h[0][k & 0xffffu];
+      });
+      return float_of((bin_d << 16) | bin_of_rank(low_d.data(), in_d, &unused));
+    }();
+    const float eps = epsilon(p_.attrs, mad);
+
+    // Pass 5: count(a < eps), then n and the threshold's bin.
+    vector<int64_t> below_eps(threads_, 0);
+    run_threads(threads_, [&](int t) {
+      int64_t b, e, c = 0;
+      chunk(t, &b, &e);
+      for_valid(b, e, [&](int64_t, Raw r) { c += std::fabs(D::value(r)) < eps; });
+      below_eps[t] = c;
+    });
+    int64_t near_zero = 0;
+    for (auto c : below_eps) near_zero += c;
+    const int64_t n = moved_count(p_.attrs, N, near_zero);
+    int64_t in_t;
+    const uint32_t bin_t = bin_of_rank(hist_a.data(), n - 1, &in_t);
+    int64_t below = 0;
+    for (uint32_t b = 0; b < bin_t; ++b) below += static_cast<int64_t>(hist_a[b]);
+    // Ties with t per thread chunk: the quota goes to the earliest chunks first.
+    vector<int64_t> ties(threads_);
+    if (D::kExactHigh) {
+      st.threshold = D::from_akey(bin_t);
+      for (int t = 0; t < threads_; ++t) ties[t] = local_a[t * static_cast<size_t>(kBins) + bin_t];
+    } else {
+      // Pass 6: low halves of akey inside the threshold's bin, kept per thread.
+      run_threads(threads_, [&](int t) {
+        int64_t b, e;
+        chunk(t, &b, &e);
+        uint32_t* h = &local_[t * static_cast<size_t>(kBins)];
+        std::fill(h, h + kBins, 0u);
+        for_valid(b, e, [&](int64_t, Raw r) {
+          const uint32_t k = D::akey(r);
+          if (high(k) == bin_t) ++h[k & 0xffffu];
+        });
+      });
+      vector<uint64_t> low_t = merge(local_);
+      int64_t unused;
+      const uint32_t low = bin_of_rank(low_t.data(), in_t, &unused);
+      st.threshold = D::from_akey((bin_t << 16) | low);
+      for (uint32_t l = 0; l < low; ++l) below += static_cast<int64_t>(low_t[l]);
+      for (int t = 0; t < threads_; ++t) ties[t] = local_[t * static_cast<size_t>(kBins) + low];
+    }
+    st.tie_quota = n - below;
+    vector<int64_t> quota(threads_);
+    int64_t left = st.tie_quota;
+    for (int t = 0; t < threads_; ++t) {
+      quota[t] = std::min(ties[t], left);
+      left -= quota[t];
+    }
+    // Pass 7: select and move.
+    run_threads(threads_, [&](int t) {
+      int64_t b, e;
+      chunk(t, &b, &e);
+      select_and_move<D>(p_, b, e, st, quota[t]);
+    });
+  }
+
+ private:
+  static uint32_t high(uint32_t key) { return D::kExactHigh ? key : key >> 16; }
+
+  void chunk(int t, int64_t* b, int64_t* e) const {
+    const int64_t L = end_ - begin_;
+    *b = begin_ + L * t / threads_;
+    *e = begin_ + L * (t + 1) / threads_;
+  }
+
+  template <class F>
+  void for_valid(int64_t b, int64_t e, F&& f) const {
+    while (b < e) {
+      const int64_t token = b / p_.I;
+      const int64_t token_end = std::min(e, (token + 1) * p_.I);
+      if (token_valid(p_, token)) {
+        for (int64_t i = b; i < token_end; ++i) {
+          const Raw r = x_[i];
+          if (D::finite(r)) f(i, r);
+        }
+      }
+      b = token_end;
+    }
+  }
+
+  std::vector<uint64_t> merge(const std::vector<uint32_t>& local) const {
+    std::vector<uint64_t> out(kBins, 0);
+    for (int t = 0; t < threads_; ++t)
+      for (int b = 0; b < kBins; ++b) out[b] += local[t * static_cast<size_t>(kBins) + b];
+    return out;
+  }
+
+  // Up to three histograms filled in one pass; fill(r, h) adds raw value r to h[0..used).
+  template <class F>
+  void low_histograms(int used, std::initializer_list<std::vector<uint64_t>*> outs, F&& fill) {
+    std::vector<std::vector<uint32_t>> local(used, std::vector<uint32_t>(threads_ * static_cast<size_t>(kBins), 0));
+    run_threads(threads_, [&](int t) {
+      int64_t b, e;
+      chunk(t, &b, &e);
+      uint32_t* h[3] = {nullptr, nullptr, nullptr};
+      for (int j = 0; j < used; ++j) h[j] = &local[j][t * static_cast<size_t>(kBins)];
+      for_valid(b, e, [&](int64_t, Raw r) { fill(r, h); });
+    });
+    int j = 0;
+    for (auto* out : outs) {
+      if (j < used) *out = merge(local[j]);
+      ++j;
+    }
+  }
+
+  const Problem& p_;
+  const Raw* x_;
+  int64_t begin_, end_;
+  int threads_;
+  std::vector<uint32_t> local_;  // per-thread scratch histograms
+};
+
+template <class D>
+void forward(const Problem& p, int threads) {
+  const int64_t total = p.B * p.S * p.I;
+  const int64_t group_size = p.attrs.scope == ARMQ_SCOPE_TENSOR ? total
+                             : p.attrs.scope == ARMQ_SCOPE_SEQUENCE ? p.S * p.I
+                                                                     : p.I;
+  if (total == 0) return;
+  const int64_t groups = total / group_size;
+  // Threads only pay off on enough work; a decode step stays on the calling thread.
+  const int64_t useful = std::max<int64_t>(1, total / (1 << 15));
+  threads = static_cast<int>(std::min<int64_t>(threads, useful));
+  constexpr int64_t kLargeGroup = 1 << 17;
+  if (group_size >= kLargeGroup) {
+    for (int64_t g = 0; g < groups; ++g) LargeGroup<D>(p, g * group_size, (g + 1) * group_size, threads).run();
+    return;
+  }
+  const int workers = static_cast<int>(std::min<int64_t>(threads, groups));
+  // Scratch is allocated here, not in the workers, so that running out of memory is an error
+  // code rather than an exception escaping a thread.
+  std::vector<std::vector<float>> scratch(2 * workers);
+  for (auto& v : scratch) v.reserve(group_size);
+  run_threads(workers, [&](int t) {
+    for (int64_t g = groups * t / workers, stop = groups * (t + 1) / workers; g < stop; ++g)
+      small_group<D>(p, g * group_size, (g + 1) * group_size, scratch[2 * t], scratch[2 * t + 1]);
+  });
+}
+
+}  // namespace
+
+uint32_t philox4x32_10_w0(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  uint32_t out[4];
+  const uint32_t counter[4] = {c0, c1, c2, c3}, key[2] = {k0, k1};
+  philox4x32_10(counter, key, out);
+  return out[0];
+}
+
+void philox4x32_10(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]) {
+  uint32_t c0 = counter[0], c1 = counter[1], c2 = counter[2], c3 = counter[3];
+  uint32_t k0 = key[0], k1 = key[1];
+  for (int round = 0; round < 10; ++round) {
+    if (round) {
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(p1);
+    c3 = static_cast<uint32_t>(p0);
+    c0 = n0;
+    c2 = n2;
+  }
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
+}
+
+int default_threads() {
+  const unsigned n = std::thread::hardware_concurrency();
+  return n ? static_cast<int>(n) : 1;
+}
+
+}  // namespace armq
+
+extern "C" int armq_cpu_forward(armq_dtype dtype, const void* x, void* y, int64_t B, int64_t S, int64_t I,
+                                const void* mask, armq_mask_type mask_type, const int64_t* positions,
+                                const armq_attrs* attrs, int num_threads) {
+  using namespace armq;
+  if (!attrs || B < 0 || S < 0 || I < 0 || (B * S * I != 0 && (!x || !y)) ||
+      (mask_type != ARMQ_MASK_NONE && !mask && B * S != 0) || attrs->scope < 0 || attrs->scope > 2)
+    return ARMQ_ERR_INVALID_ARGUMENT;
+  if (I == 0 || B * S == 0) return ARMQ_OK;
+  Problem p{x, y, B, S, I, mask, mask ? mask_type : ARMQ_MASK_NONE, positions, *attrs};
+  const int threads = num_threads > 0 ? num_threads : default_threads();
+  try {
+    switch (dtype) {
+      case ARMQ_FLOAT32:
+        forward<Float32>(p, threads);
+        break;
+      case ARMQ_FLOAT16:
+        forward<Float16>(p, threads);
+        break;
+      case ARMQ_BFLOAT16:
+        forward<BFloat16>(p, threads);
+        break;
+      default:
+        return ARMQ_ERR_INVALID_ARGUMENT;
+    }
+  } catch (const std::bad_alloc&) {
+    return ARMQ_ERR_OUT_OF_MEMORY;
+  } catch (...) {
+    return ARMQ_ERR_INTERNAL;
+  }
+  return ARMQ_OK;
+}
