@@ -5,6 +5,8 @@
 // passed to RegisterCustomOps (ORT_API_MANUAL_INIT), so the library loads into any
 // onnxruntime >= 1.21. C++ exceptions never cross the C boundary: they become OrtStatus.
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -38,6 +40,16 @@ const char* type_name(ONNXTensorElementDataType t) {
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
     default: return "a type other than float32, float16 or bfloat16";
   }
+}
+
+// A float as Python prints it (shortest round trip), for messages.
+std::string num(float v) {
+  char buf[32];
+  for (int precision = 1; precision <= 9; ++precision) {
+    std::snprintf(buf, sizeof buf, "%.*g", precision, v);
+    if (std::strtof(buf, nullptr) == v) break;
+  }
+  return buf;
 }
 
 struct InvalidArgument : std::runtime_error {
@@ -92,13 +104,13 @@ armq_attrs read_attributes(const OrtApi& api, const OrtKernelInfo* info) {
   a.pmax = get_float("pmax", 0.25f);
   a.kappa = get_float("kappa", 1.4826f);
   if (!(a.p1 >= 0.0f && a.p1 <= 100.0f))
-    throw InvalidArgument("ARM attribute p1=" + std::to_string(a.p1) + " must lie in [0, 100] (it is a percentile)");
+    throw InvalidArgument("ARM attribute p1=" + num(a.p1) + " must lie in [0, 100] (it is a percentile)");
   if (!(a.pmin >= 0.0f && a.pmax <= 1.0f && a.pmin <= a.pmax))
-    throw InvalidArgument("ARM attributes pmin=" + std::to_string(a.pmin) + ", pmax=" + std::to_string(a.pmax) +
+    throw InvalidArgument("ARM attributes pmin=" + num(a.pmin) + ", pmax=" + num(a.pmax) +
                           " must satisfy 0 <= pmin <= pmax <= 1");
   if (a.c < 0.0f || a.k < 0.0f || a.kappa < 0.0f)
-    throw InvalidArgument("ARM attributes c, k and kappa must be >= 0; got c=" + std::to_string(a.c) +
-                          ", k=" + std::to_string(a.k) + ", kappa=" + std::to_string(a.kappa));
+    throw InvalidArgument("ARM attributes c, k and kappa must be >= 0; got c=" + num(a.c) +
+                          ", k=" + num(a.k) + ", kappa=" + num(a.kappa));
 
   const std::string share = get_string("share", "mad");
   if (share != "mad" && share != "fixed")
@@ -251,10 +263,9 @@ struct ArmKernel {
 OrtStatusPtr ORT_API_CALL infer_like_x(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   const OrtApi& api = Ort::GetApi();
   OrtTensorTypeAndShapeInfo* info = nullptr;
+  // The context owns `info`: not released here.
   if (OrtStatusPtr st = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &info)) return st;
-  OrtStatusPtr st = api.ShapeInferContext_SetOutputTypeShape(ctx, 0, info);
-  api.ReleaseTensorTypeAndShapeInfo(info);
-  return st;
+  return api.ShapeInferContext_SetOutputTypeShape(ctx, 0, info);
 }
 
 struct ArmOp : Ort::CustomOpBase<ArmOp, ArmKernel, true> {
