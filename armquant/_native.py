@@ -16,25 +16,23 @@ import ctypes
 import functools
 import logging
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from armquant import _build
 from armquant.arm import ARMConfig, _check_inputs
 
-__all__ = ["ort_library_path", "library_path", "kernel", "has_cuda", "build"]
+__all__ = ["ort_library_path", "library_path", "kernel", "has_cuda"]
 
 logger = logging.getLogger(__name__)
 
-LIBRARY_NAME = "libarmquant_ort.so"
+LIBRARY_NAME = _build.LIBRARY_NAME
 _LIBRARY_ENV = "ARMQUANT_LIBRARY"  # an explicit path to libarmquant_ort.so
-_PACKAGE_LIB = Path(__file__).resolve().parent / "lib" / LIBRARY_NAME
-_EXPORT_DIR = Path(__file__).resolve().parent.parent / "export"  # present in a source checkout
+_PACKAGE_LIB = _build.PACKAGE_LIB_DIR / LIBRARY_NAME
+_EXPORT_DIR = _build.EXPORT_DIR
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _MASK_NONE, _MASK_BOOL, _MASK_INT64 = 0, 1, 2
@@ -210,40 +208,7 @@ def kernel(device_type: str) -> Optional[Callable]:
     return None
 
 
-# --- Building ----------------------------------------------------------------------------
-
-
-def build(source_dir: Path = _EXPORT_DIR, destination: Path = _PACKAGE_LIB.parent, build_dir: Optional[Path] = None,
-          cuda: str = "AUTO", jobs: Optional[int] = None) -> Path:
-    """Configure and build `export/` with cmake and copy the library into `destination`.
-
-    Raises RuntimeError (with cmake's output) when the tools are missing or the build fails.
-    """
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        raise RuntimeError("cmake was not found on PATH; install cmake >= 3.18 (e.g. `pip install cmake`) to build the native ARM kernels")
-    if not (source_dir / "CMakeLists.txt").is_file():
-        raise RuntimeError(f"{source_dir} holds no CMakeLists.txt; build from a source checkout of armquant")
-    build_dir = build_dir or source_dir / "build"
-    jobs = jobs or os.cpu_count() or 1
-    for command in (
-        [cmake, "-S", str(source_dir), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release", f"-DARMQ_CUDA={cuda}"],
-        [cmake, "--build", str(build_dir), "-j", str(jobs)],
-    ):
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"`{' '.join(command)}` failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-        for line in result.stderr.splitlines():
-            if "CMake Warning" in line or "CUDA" in line:
-                logger.warning("cmake: %s", line.strip())
-    built = build_dir / LIBRARY_NAME
-    destination.mkdir(parents=True, exist_ok=True)
-    target = destination / LIBRARY_NAME
-    # Copy then rename: a process that has the old library mapped keeps a valid file.
-    with tempfile.NamedTemporaryFile(dir=destination, delete=False, suffix=".tmp") as tmp:
-        shutil.copyfile(built, tmp.name)
-    os.replace(tmp.name, target)
-    return target
+# --- Building: armquant/_build.py (torch-free, shared with setup.py) ------------------------
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -254,7 +219,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.build:
         try:
-            target = build(cuda=args.cuda)
+            target = _build.build(cuda=args.cuda)
         except RuntimeError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
