@@ -20,6 +20,7 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -313,51 +314,63 @@ void small_group(const Problem& p, int64_t begin, int64_t end, std::vector<float
 // ---- large groups: radix select with per-thread histograms ------------------------------
 
 constexpr int kBins = 65536;
+constexpr int64_t kMaxCandidates = int64_t{1} << 21;  // elements kept in the threshold's bin
 
 // Bin holding rank k of a histogram, and the rank left inside that bin.
-inline uint32_t bin_of_rank(const uint64_t* hist, int64_t k, int64_t* rank_in_bin) {
+inline uint32_t bin_of_rank(const uint64_t* hist, int bins, int64_t k, int64_t* rank_in_bin) {
   int64_t cum = 0;
-  for (uint32_t b = 0; b < static_cast<uint32_t>(kBins); ++b) {
+  for (int b = 0; b < bins; ++b) {
     if (cum + static_cast<int64_t>(hist[b]) > k) {
       *rank_in_bin = k - cum;
-      return b;
+      return static_cast<uint32_t>(b);
     }
     cum += static_cast<int64_t>(hist[b]);
   }
   *rank_in_bin = 0;
-  return kBins - 1;  // unreachable for k < total
+  return static_cast<uint32_t>(bins - 1);  // unreachable for k < total
 }
 
+// An element whose |x| falls in the threshold's bin: resolved after the selection pass.
+struct Candidate {
+  int64_t index;
+  float value;
+};
+
+// One group too large for scratch copies. Passes over x (each split across threads, each
+// thread always taking the same contiguous chunk, so per-thread counts line up across passes):
+//   1. copy x to y; histogram of the raw high 16 bits (sign, exponent, top mantissa bits),
+//      which gives both the |x| and the signed-x histograms; N; min x.
+//   2. (float32) low 16 bits inside the bins of the median of |x| and of the percentile ranks.
+//   3. histogram of the high half of d = |a - m|.   4. low half inside the MAD's bin, and the
+//      |x| values that fall in the range of eps that this bin allows.
+//   5. select: a below the threshold's bin moves at once; a inside it is kept as a candidate
+//      (float32) and resolved afterwards, in flat order.
+// 16-bit dtypes are exact after the first level, so passes 2 and the candidates vanish.
 template <class D>
 class LargeGroup {
  public:
   using Raw = typename D::Raw;
 
   LargeGroup(const Problem& p, int64_t begin, int64_t end, int threads)
-      : p_(p), x_(static_cast<const Raw*>(p.x)), begin_(begin), end_(end), threads_(threads) {
-    local_.resize(threads_ * static_cast<size_t>(kBins));
-  }
+      : p_(p), x_(static_cast<const Raw*>(p.x)), begin_(begin), end_(end), threads_(threads) {}
 
   void run() {
     using std::vector;
-    const bool signed_pool = !p_.attrs.percentile_abs;
-    // Pass 1: copy x to y; histograms of the high halves of akey and skey; N; min x.
-    vector<uint32_t> local_a(threads_ * static_cast<size_t>(kBins));
-    vector<uint64_t> count(threads_, 0);
-    vector<float> mins(threads_, INFINITY);
+    const size_t T = static_cast<size_t>(threads_);
+    // Pass 1.
+    vector<uint32_t> raw_local(T * kBins);
+    vector<int64_t> count(T, 0);
+    vector<float> mins(T, INFINITY);
     run_threads(threads_, [&](int t) {
       int64_t b, e;
       chunk(t, &b, &e);
       std::memcpy(static_cast<Raw*>(p_.y) + b, x_ + b, (e - b) * sizeof(Raw));
-      uint32_t* ha = &local_a[t * static_cast<size_t>(kBins)];
-      uint32_t* hs = &local_[t * static_cast<size_t>(kBins)];
-      std::fill(ha, ha + kBins, 0u);
-      if (signed_pool) std::fill(hs, hs + kBins, 0u);
-      uint64_t c = 0;
+      uint32_t* h = &raw_local[t * static_cast<size_t>(kBins)];
+      std::fill(h, h + kBins, 0u);
+      int64_t c = 0;
       float lo = INFINITY;
       for_valid(b, e, [&](int64_t, Raw r) {
-        ++ha[high(D::akey(r))];
-        if (signed_pool) ++hs[high(D::skey(r))];
+        ++h[raw_high(r)];
         lo = std::min(lo, D::value(r));
         ++c;
       });
@@ -366,122 +379,228 @@ class LargeGroup {
     });
     int64_t N = 0;
     float x_min = INFINITY;
-    for (int t = 0; t < threads_; ++t) {
-      N += static_cast<int64_t>(count[t]);
+    for (size_t t = 0; t < T; ++t) {
+      N += count[t];
       x_min = std::min(x_min, mins[t]);
     }
     if (N == 0) return;
-    vector<uint64_t> hist_a = merge(local_a);
-    vector<uint64_t> hist_s = signed_pool ? merge(local_) : vector<uint64_t>();
+    // |x| histogram (akey high, 32768 bins) and signed histogram (skey high, 65536 bins).
+    vector<uint64_t> hist_a(kBins / 2, 0), hist_s(kBins, 0);
+    for (size_t t = 0; t < T; ++t) {
+      const uint32_t* h = &raw_local[t * kBins];
+      for (uint32_t r = 0; r < static_cast<uint32_t>(kBins); ++r) {
+        hist_a[r & 0x7fffu] += h[r];
+        hist_s[r ^ ((r & 0x8000u) ? 0xffffu : 0x8000u)] += h[r];
+      }
+    }
+    const bool signed_pool = !p_.attrs.percentile_abs;
     const uint64_t* pool_hist = signed_pool ? hist_s.data() : hist_a.data();
+    const int pool_bins = signed_pool ? kBins : kBins / 2;
     auto pool_key = [signed_pool](Raw r) { return signed_pool ? D::skey(r) : D::akey(r); };
     auto pool_value = [signed_pool](uint32_t k) { return signed_pool ? D::from_skey(k) : D::from_akey(k); };
 
-    // The median m of a and the percentile ranks of the pool.
     const int64_t rank = (N - 1) / 2;
     const PercentileRanks pr = percentile_ranks(p_.attrs, N);
-    int64_t in_m, in_lo, in_hi;
-    const uint32_t bin_m = bin_of_rank(hist_a.data(), rank, &in_m);
-    const uint32_t bin_lo = bin_of_rank(pool_hist, pr.lo_index, &in_lo);
-    const uint32_t bin_hi = bin_of_rank(pool_hist, pr.hi_index, &in_hi);
+    int64_t in_m, in_lo, in_hi, unused;
+    const uint32_t bin_m = bin_of_rank(hist_a.data(), kBins / 2, rank, &in_m);
+    const uint32_t bin_lo = bin_of_rank(pool_hist, pool_bins, pr.lo_index, &in_lo);
+    const uint32_t bin_hi = bin_of_rank(pool_hist, pool_bins, pr.hi_index, &in_hi);
     float m, v_lo, v_hi;
     if (D::kExactHigh) {
       m = D::from_akey(bin_m);
       v_lo = pool_value(bin_lo);
       v_hi = pool_value(bin_hi);
     } else {
-      // Pass 2: low halves inside those bins.
+      // Pass 2.
       vector<uint64_t> low_m, low_lo, low_hi;
       const bool same = bin_hi == bin_lo;
       low_histograms(same ? 2 : 3, {&low_m, &low_lo, &low_hi}, [&](Raw r, uint32_t** h) {
         const uint32_t ka = D::akey(r), kp = pool_key(r);
-        if (high(ka) == bin_m) ++h[0][ka & 0xffffu];
-        if (high(kp) == bin_lo) ++h[1][kp & 0xffffu];
-        else if (!same && high(kp) == bin_hi) ++h[2][kp & 0xffffu];
+        if ((ka >> 16) == bin_m) ++h[0][ka & 0xffffu];
+        if ((kp >> 16) == bin_lo) ++h[1][kp & 0xffffu];
+        else if (!same && (kp >> 16) == bin_hi) ++h[2][kp & 0xffffu];
       });
-      if (bin_hi == bin_lo) low_hi = low_lo;
-      int64_t unused;
-      m = D::from_akey((bin_m << 16) | bin_of_rank(low_m.data(), in_m, &unused));
-      v_lo = pool_value((bin_lo << 16) | bin_of_rank(low_lo.data(), in_lo, &unused));
-      v_hi = pool_value((bin_hi << 16) | bin_of_rank(low_hi.data(), in_hi, &unused));
+      if (same) low_hi = low_lo;
+      m = D::from_akey((bin_m << 16) | bin_of_rank(low_m.data(), kBins, in_m, &unused));
+      v_lo = pool_value((bin_lo << 16) | bin_of_rank(low_lo.data(), kBins, in_lo, &unused));
+      v_hi = pool_value((bin_hi << 16) | bin_of_rank(low_hi.data(), kBins, in_hi, &unused));
     }
     Stats st;
     st.n_valid = N;
     st.m_neg = std::fabs(x_min);
     st.q_p = interpolate(pr, v_lo, v_hi);
 
-    // Passes 3-4: the MAD, rank `rank` of |a - m| (a float32 key of its own).
-    const float mad = [&] {
-      auto dkey = [m](Raw r) { return bits_of(std::fabs(std::fabs(D::value(r)) - m)); };
-      vector<uint64_t> hist_d;
-      low_histograms(1, {&hist_d}, [&](Raw r, uint32_t** h) { ++h[0][dkey(r) >> 16]; });
-      int64_t in_d, unused;
-      const uint32_t bin_d = bin_of_rank(hist_d.data(), rank, &in_d);
-      vector<uint64_t> low_d;
-      low_histograms(1, {&low_d}, [&](Raw r, uint32_t** h) {
-        const uint32_t k = dkey(r);
-        if ((k >> 16) == bin_d) ++h[0][k & 0xffffu];
+    // Pass 3: the MAD's bin.
+    auto dkey = [m](Raw r) { return bits_of(std::fabs(std::fabs(D::value(r)) - m)); };
+    vector<uint64_t> hist_d, low_d;
+    low_histograms(1, {&hist_d}, [&](Raw r, uint32_t** h) { ++h[0][dkey(r) >> 16]; });
+    int64_t in_d;
+    const uint32_t bin_d = bin_of_rank(hist_d.data(), kBins, rank, &in_d);
+    // Pass 4: the MAD, and count(a < eps) for every eps that MADs in this bin can give
+    // (eps rises with the MAD): a < eps_lo counts at once, a in [eps_lo, eps_hi] is kept.
+    const float eps_lo = epsilon(p_.attrs, float_of(bin_d << 16));
+    const float eps_hi = epsilon(p_.attrs, float_of((bin_d << 16) | 0xffffu));
+    const size_t keep_cap = static_cast<size_t>((end_ - begin_) / threads_ / 16 + 1024);
+    vector<vector<float>> kept(T);
+    for (auto& v : kept) v.reserve(keep_cap);
+    vector<int64_t> below_lo(T, 0);
+    vector<char> overflow(T, 0);
+    {
+      vector<uint32_t> local(T * kBins, 0);
+      run_threads(threads_, [&](int t) {
+        int64_t b, e, c = 0;
+        chunk(t, &b, &e);
+        uint32_t* h = &local[t * static_cast<size_t>(kBins)];
+        vector<float>& keep = kept[t];
+        bool full = false;
+        for_valid(b, e, [&](int64_t, Raw r) {
+          const float v = D::value(r);
+          const float a = std::fabs(v);
+          const uint32_t k = bits_of(std::fabs(a - m));
+          if ((k >> 16) == bin_d) ++h[k & 0xffffu];
+          if (a < eps_lo) {
+            ++c;
+          } else if (a <= eps_hi) {
+            if (keep.size() < keep_cap) keep.push_back(a);
+            else full = true;
+          }
+        });
+        below_lo[t] = c;
+        overflow[t] = full;
       });
-      return float_of((bin_d << 16) | bin_of_rank(low_d.data(), in_d, &unused));
-    }();
+      low_d.assign(kBins, 0);
+      for (size_t t = 0; t < T; ++t)
+        for (int j = 0; j < kBins; ++j) low_d[j] += local[t * kBins + j];
+    }
+    const float mad = float_of((bin_d << 16) | bin_of_rank(low_d.data(), kBins, in_d, &unused));
     const float eps = epsilon(p_.attrs, mad);
-
-    // Pass 5: count(a < eps), then n and the threshold's bin.
-    vector<int64_t> below_eps(threads_, 0);
-    run_threads(threads_, [&](int t) {
-      int64_t b, e, c = 0;
-      chunk(t, &b, &e);
-      for_valid(b, e, [&](int64_t, Raw r) { c += std::fabs(D::value(r)) < eps; });
-      below_eps[t] = c;
-    });
     int64_t near_zero = 0;
-    for (auto c : below_eps) near_zero += c;
+    if (std::find(overflow.begin(), overflow.end(), 1) == overflow.end()) {
+      for (size_t t = 0; t < T; ++t) {
+        near_zero += below_lo[t];
+        for (float a : kept[t]) near_zero += a < eps;
+      }
+    } else {  // too many values near eps to keep (e.g. many equal values): count again
+      vector<int64_t> below(T, 0);
+      run_threads(threads_, [&](int t) {
+        int64_t b, e, c = 0;
+        chunk(t, &b, &e);
+        for_valid(b, e, [&](int64_t, Raw r) { c += std::fabs(D::value(r)) < eps; });
+        below[t] = c;
+      });
+      for (auto c : below) near_zero += c;
+    }
+    kept = vector<vector<float>>();
+
+    // The threshold t: rank n-1 of a.
     const int64_t n = moved_count(p_.attrs, N, near_zero);
     int64_t in_t;
-    const uint32_t bin_t = bin_of_rank(hist_a.data(), n - 1, &in_t);
-    int64_t below = 0;
-    for (uint32_t b = 0; b < bin_t; ++b) below += static_cast<int64_t>(hist_a[b]);
-    // Ties with t per thread chunk: the quota goes to the earliest chunks first.
-    vector<int64_t> ties(threads_);
+    const uint32_t bin_t = bin_of_rank(hist_a.data(), kBins / 2, n - 1, &in_t);
+    int64_t below_bin = 0;
+    for (uint32_t b = 0; b < bin_t; ++b) below_bin += static_cast<int64_t>(hist_a[b]);
+    vector<int64_t> in_bin(T);  // per thread: elements with a in the threshold's bin
+    for (size_t t = 0; t < T; ++t)
+      in_bin[t] = raw_local[t * kBins + bin_t] + raw_local[t * kBins + (bin_t | 0x8000u)];
+
     if (D::kExactHigh) {
+      // The bin is the value: move a < t, and the first ties in flat order.
       st.threshold = D::from_akey(bin_t);
-      for (int t = 0; t < threads_; ++t) ties[t] = local_a[t * static_cast<size_t>(kBins) + bin_t];
-    } else {
-      // Pass 6: low halves of akey inside the threshold's bin, kept per thread.
+      st.tie_quota = n - below_bin;
+      const vector<int64_t> quota = split_quota(in_bin, st.tie_quota);
       run_threads(threads_, [&](int t) {
         int64_t b, e;
         chunk(t, &b, &e);
-        uint32_t* h = &local_[t * static_cast<size_t>(kBins)];
-        std::fill(h, h + kBins, 0u);
+        select_and_move<D>(p_, b, e, st, quota[t]);
+      });
+      return;
+    }
+    const int64_t in_bin_total = std::accumulate(in_bin.begin(), in_bin.end(), int64_t{0});
+    if (in_bin_total > kMaxCandidates) {
+      // Many equal values: find t with one more histogram pass instead of keeping them.
+      vector<uint32_t> local(T * kBins, 0);
+      run_threads(threads_, [&](int t) {
+        int64_t b, e;
+        chunk(t, &b, &e);
+        uint32_t* h = &local[t * static_cast<size_t>(kBins)];
         for_valid(b, e, [&](int64_t, Raw r) {
           const uint32_t k = D::akey(r);
-          if (high(k) == bin_t) ++h[k & 0xffffu];
+          if ((k >> 16) == bin_t) ++h[k & 0xffffu];
         });
       });
-      vector<uint64_t> low_t = merge(local_);
-      int64_t unused;
-      const uint32_t low = bin_of_rank(low_t.data(), in_t, &unused);
+      vector<uint64_t> low_t(kBins, 0);
+      for (size_t t = 0; t < T; ++t)
+        for (int j = 0; j < kBins; ++j) low_t[j] += local[t * kBins + j];
+      const uint32_t low = bin_of_rank(low_t.data(), kBins, in_t, &unused);
       st.threshold = D::from_akey((bin_t << 16) | low);
-      for (uint32_t l = 0; l < low; ++l) below += static_cast<int64_t>(low_t[l]);
-      for (int t = 0; t < threads_; ++t) ties[t] = local_[t * static_cast<size_t>(kBins) + low];
+      int64_t below = below_bin;
+      for (uint32_t j = 0; j < low; ++j) below += static_cast<int64_t>(low_t[j]);
+      vector<int64_t> ties(T);
+      for (size_t t = 0; t < T; ++t) ties[t] = local[t * kBins + low];
+      const vector<int64_t> quota = split_quota(ties, n - below);
+      run_threads(threads_, [&](int t) {
+        int64_t b, e;
+        chunk(t, &b, &e);
+        select_and_move<D>(p_, b, e, st, quota[t]);
+      });
+      return;
     }
-    st.tie_quota = n - below;
-    vector<int64_t> quota(threads_);
-    int64_t left = st.tie_quota;
-    for (int t = 0; t < threads_; ++t) {
-      quota[t] = std::min(ties[t], left);
-      left -= quota[t];
-    }
-    // Pass 7: select and move.
+    // Pass 5 (float32): move everything below the threshold's bin, keep the bin's elements.
+    vector<vector<Candidate>> cands(T);
+    for (size_t t = 0; t < T; ++t) cands[t].reserve(in_bin[t]);
     run_threads(threads_, [&](int t) {
       int64_t b, e;
       chunk(t, &b, &e);
-      select_and_move<D>(p_, b, e, st, quota[t]);
+      Raw* y = static_cast<Raw*>(p_.y);
+      vector<Candidate>& mine = cands[t];
+      for_valid(b, e, [&](int64_t i, Raw r) {
+        const uint32_t hb = D::akey(r) >> 16;
+        if (hb < bin_t) {
+          const int64_t token = i / p_.I;
+          y[i] = moved_value<D>(p_, D::value(r), token, i - token * p_.I, st.q_p, st.m_neg);
+        } else if (hb == bin_t) {
+          mine.push_back({i, D::value(r)});
+        }
+      });
+    });
+    // The threshold inside its bin, then the candidates in flat order.
+    vector<float> values;
+    values.reserve(static_cast<size_t>(in_bin_total));
+    for (auto& c : cands)
+      for (auto& cand : c) values.push_back(std::fabs(cand.value));
+    std::nth_element(values.begin(), values.begin() + in_t, values.end());
+    st.threshold = values[in_t];
+    int64_t below = below_bin;
+    for (float a : values) below += a < st.threshold;
+    vector<int64_t> ties(T, 0);
+    for (size_t t = 0; t < T; ++t)
+      for (auto& cand : cands[t]) ties[t] += std::fabs(cand.value) == st.threshold;
+    const vector<int64_t> quota = split_quota(ties, n - below);
+    run_threads(threads_, [&](int t) {
+      Raw* y = static_cast<Raw*>(p_.y);
+      int64_t left = quota[t];
+      for (auto& cand : cands[t]) {
+        const float a = std::fabs(cand.value);
+        if (a < st.threshold || (a == st.threshold && left-- > 0)) {
+          const int64_t token = cand.index / p_.I;
+          y[cand.index] = moved_value<D>(p_, cand.value, token, cand.index - token * p_.I, st.q_p, st.m_neg);
+        }
+      }
     });
   }
 
  private:
-  static uint32_t high(uint32_t key) { return D::kExactHigh ? key : key >> 16; }
+  // Sign, exponent and top mantissa bits of the raw pattern (the whole of a 16-bit one).
+  static uint32_t raw_high(Raw r) { return D::kExactHigh ? r : static_cast<uint32_t>(r) >> 16; }
+
+  // Ties are taken in flat order: the earliest chunks take theirs first.
+  static std::vector<int64_t> split_quota(const std::vector<int64_t>& ties, int64_t quota) {
+    std::vector<int64_t> out(ties.size());
+    for (size_t t = 0; t < ties.size(); ++t) {
+      out[t] = std::min(ties[t], quota);
+      quota -= out[t];
+    }
+    return out;
+  }
 
   void chunk(int t, int64_t* b, int64_t* e) const {
     const int64_t L = end_ - begin_;
@@ -504,14 +623,7 @@ class LargeGroup {
     }
   }
 
-  std::vector<uint64_t> merge(const std::vector<uint32_t>& local) const {
-    std::vector<uint64_t> out(kBins, 0);
-    for (int t = 0; t < threads_; ++t)
-      for (int b = 0; b < kBins; ++b) out[b] += local[t * static_cast<size_t>(kBins) + b];
-    return out;
-  }
-
-  // Up to three histograms filled in one pass; fill(r, h) adds raw value r to h[0..used).
+  // Up to three 65536-bin histograms filled in one pass; fill(r, h) adds raw value r to h[0..used).
   template <class F>
   void low_histograms(int used, std::initializer_list<std::vector<uint64_t>*> outs, F&& fill) {
     std::vector<std::vector<uint32_t>> local(used, std::vector<uint32_t>(threads_ * static_cast<size_t>(kBins), 0));
@@ -524,7 +636,11 @@ class LargeGroup {
     });
     int j = 0;
     for (auto* out : outs) {
-      if (j < used) *out = merge(local[j]);
+      if (j < used) {
+        out->assign(kBins, 0);
+        for (int t = 0; t < threads_; ++t)
+          for (int b = 0; b < kBins; ++b) (*out)[b] += local[j][t * static_cast<size_t>(kBins) + b];
+      }
       ++j;
     }
   }
@@ -533,7 +649,6 @@ class LargeGroup {
   const Raw* x_;
   int64_t begin_, end_;
   int threads_;
-  std::vector<uint32_t> local_;  // per-thread scratch histograms
 };
 
 template <class D>
