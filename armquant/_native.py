@@ -58,14 +58,13 @@ class _Attrs(ctypes.Structure):
 
 
 def library_path() -> Optional[Path]:
-    """The built library: $ARMQUANT_LIBRARY, else the package's lib/, else export/build/; None if absent."""
+    """The built library: $ARMQUANT_LIBRARY, else the newer of the package's lib/ copy and
+    export/build/ (a rebuild by hand with cmake wins over an older install); None if absent."""
     explicit = os.environ.get(_LIBRARY_ENV)
     if explicit:
         return Path(explicit)
-    for candidate in (_PACKAGE_LIB, _EXPORT_DIR / "build" / LIBRARY_NAME):
-        if candidate.is_file():
-            return candidate
-    return None
+    found = [p for p in (_PACKAGE_LIB, _EXPORT_DIR / "build" / LIBRARY_NAME) if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def ort_library_path() -> str:

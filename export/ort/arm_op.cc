@@ -4,6 +4,7 @@
 // Built against the ONNX Runtime 1.21 API headers only: the API table comes from the OrtApiBase
 // passed to RegisterCustomOps (ORT_API_MANUAL_INIT), so the library loads into any
 // onnxruntime >= 1.21. C++ exceptions never cross the C boundary: they become OrtStatus.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -44,11 +45,16 @@ const char* type_name(ONNXTensorElementDataType t) {
 
 // A float as Python prints it (shortest round trip), for messages.
 std::string num(float v) {
-  char buf[32];
-  for (int precision = 1; precision <= 9; ++precision) {
+  char buf[48];
+  int precision = 1;
+  for (; precision < 9; ++precision) {
     std::snprintf(buf, sizeof buf, "%.*g", precision, v);
     if (std::strtof(buf, nullptr) == v) break;
   }
+  // Whole digits in full (150, not 1.5e+02).
+  const double magnitude = std::fabs(static_cast<double>(v));
+  if (magnitude >= 1.0 && magnitude < 1e15) precision = std::max(precision, static_cast<int>(std::log10(magnitude)) + 1);
+  std::snprintf(buf, sizeof buf, "%.*g", precision, v);
   return buf;
 }
 
