@@ -192,10 +192,9 @@ inline float epsilon(const armq_attrs& at, float mad) {
   return scaled * at.c;
 }
 
-// Step 10 for one selected element.
+// Step 10 for one selected element at `channel` of a token at position `pos`.
 template <class D>
-inline typename D::Raw moved_value(const Problem& p, float x, int64_t token, int64_t channel, float q_p, float m_neg) {
-  const int64_t pos = token_position(p, token);
+inline typename D::Raw moved_value(const Problem& p, float x, int64_t channel, int64_t pos, float q_p, float m_neg) {
   const uint32_t w = philox4x32_10_w0(static_cast<uint32_t>(channel), static_cast<uint32_t>(pos),
                                       static_cast<uint32_t>(static_cast<uint64_t>(pos) >> 32), 0u,
                                       static_cast<uint32_t>(p.attrs.seed),
@@ -235,7 +234,7 @@ void select_and_move(const Problem& p, int64_t begin, int64_t end, const Stats& 
       const float a = std::fabs(v);
       if (a < t || (a == t && tie_quota > 0)) {
         if (!(a < t)) --tie_quota;
-        y[e] = moved_value<D>(p, v, token, e - token * p.I, st.q_p, st.m_neg);
+        y[e] = moved_value<D>(p, v, e - token * p.I, token_position(p, token), st.q_p, st.m_neg);
       }
     }
   }
@@ -314,6 +313,7 @@ void small_group(const Problem& p, int64_t begin, int64_t end, std::vector<float
 // ---- large groups: radix select with per-thread histograms ------------------------------
 
 constexpr int kBins = 65536;
+constexpr int kBlock = 16;  // elements tested together before the rare per-element work
 constexpr int64_t kMaxCandidates = int64_t{1} << 21;  // elements kept in the threshold's bin
 
 // Bin holding rank k of a histogram, and the rank left inside that bin.
@@ -357,33 +357,21 @@ class LargeGroup {
   void run() {
     using std::vector;
     const size_t T = static_cast<size_t>(threads_);
-    // Pass 1.
+    // Pass 1: copy, and a histogram of every element's raw high half (no branch per element:
+    // the bins of NaN and Inf are dropped afterwards).
     vector<uint32_t> raw_local(T * kBins);
-    vector<int64_t> count(T, 0);
-    vector<float> mins(T, INFINITY);
     run_threads(threads_, [&](int t) {
       int64_t b, e;
       chunk(t, &b, &e);
       std::memcpy(static_cast<Raw*>(p_.y) + b, x_ + b, (e - b) * sizeof(Raw));
       uint32_t* h = &raw_local[t * static_cast<size_t>(kBins)];
       std::fill(h, h + kBins, 0u);
-      int64_t c = 0;
-      float lo = INFINITY;
-      for_valid(b, e, [&](int64_t, Raw r) {
-        ++h[raw_high(r)];
-        lo = std::min(lo, D::value(r));
-        ++c;
+      for_ranges(b, e, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) ++h[raw_high(x_[i])];
       });
-      count[t] = c;
-      mins[t] = lo;
+      for (uint32_t r = 0; r < static_cast<uint32_t>(kBins); ++r)
+        if (!finite_bin(r)) h[r] = 0;
     });
-    int64_t N = 0;
-    float x_min = INFINITY;
-    for (size_t t = 0; t < T; ++t) {
-      N += count[t];
-      x_min = std::min(x_min, mins[t]);
-    }
-    if (N == 0) return;
     // |x| histogram (akey high, 32768 bins) and signed histogram (skey high, 65536 bins).
     vector<uint64_t> hist_a(kBins / 2, 0), hist_s(kBins, 0);
     for (size_t t = 0; t < T; ++t) {
@@ -393,47 +381,85 @@ class LargeGroup {
         hist_s[r ^ ((r & 0x8000u) ? 0xffffu : 0x8000u)] += h[r];
       }
     }
+    const int64_t N = std::accumulate(hist_a.begin(), hist_a.end(), int64_t{0});
+    if (N == 0) return;
     const bool signed_pool = !p_.attrs.percentile_abs;
     const uint64_t* pool_hist = signed_pool ? hist_s.data() : hist_a.data();
     const int pool_bins = signed_pool ? kBins : kBins / 2;
-    auto pool_key = [signed_pool](Raw r) { return signed_pool ? D::skey(r) : D::akey(r); };
     auto pool_value = [signed_pool](uint32_t k) { return signed_pool ? D::from_skey(k) : D::from_akey(k); };
 
     const int64_t rank = (N - 1) / 2;
     const PercentileRanks pr = percentile_ranks(p_.attrs, N);
-    int64_t in_m, in_lo, in_hi, unused;
+    int64_t in_m, in_lo, in_hi, in_min, unused;
     const uint32_t bin_m = bin_of_rank(hist_a.data(), kBins / 2, rank, &in_m);
     const uint32_t bin_lo = bin_of_rank(pool_hist, pool_bins, pr.lo_index, &in_lo);
     const uint32_t bin_hi = bin_of_rank(pool_hist, pool_bins, pr.hi_index, &in_hi);
-    float m, v_lo, v_hi;
+    const uint32_t bin_min = bin_of_rank(hist_s.data(), kBins, 0, &in_min);
+    float m, v_lo, v_hi, x_min;
     if (D::kExactHigh) {
       m = D::from_akey(bin_m);
       v_lo = pool_value(bin_lo);
       v_hi = pool_value(bin_hi);
+      x_min = D::from_skey(bin_min);
     } else {
-      // Pass 2.
-      vector<uint64_t> low_m, low_lo, low_hi;
-      const bool same = bin_hi == bin_lo;
-      low_histograms(same ? 2 : 3, {&low_m, &low_lo, &low_hi}, [&](Raw r, uint32_t** h) {
-        const uint32_t ka = D::akey(r), kp = pool_key(r);
-        if ((ka >> 16) == bin_m) ++h[0][ka & 0xffffu];
-        if ((kp >> 16) == bin_lo) ++h[1][kp & 0xffffu];
-        else if (!same && (kp >> 16) == bin_hi) ++h[2][kp & 0xffffu];
+      // Pass 2: low halves inside the bins of m, the percentile ranks and min x. Blocks
+      // with none of them (nearly all) cost a few vector instructions.
+      vector<uint32_t> local(4 * T * kBins, 0);
+      run_threads(threads_, [&](int t) {
+        int64_t b, e;
+        chunk(t, &b, &e);
+        uint32_t* h = &local[4 * t * static_cast<size_t>(kBins)];
+        auto one = [&](Raw r) {
+          const uint32_t ka = D::akey(r), kp = signed_pool ? skey_of(r) : ka, ks = skey_of(r);
+          if (!D::finite(r)) return;
+          if ((ka >> 16) == bin_m) ++h[ka & 0xffffu];
+          if ((kp >> 16) == bin_lo) ++h[kBins + (kp & 0xffffu)];
+          if ((kp >> 16) == bin_hi) ++h[2 * kBins + (kp & 0xffffu)];
+          if ((ks >> 16) == bin_min) ++h[3 * kBins + (ks & 0xffffu)];
+        };
+        for_ranges(b, e, [&](int64_t lo, int64_t hi) {
+          int64_t i = lo;
+          for (; i + kBlock <= hi; i += kBlock) {
+            uint32_t hit = 0;
+            for (int j = 0; j < kBlock; ++j) {
+              const uint32_t r = x_[i + j], ka = r & 0x7fffffffu, ks = skey_of(r), kp = signed_pool ? ks : ka;
+              hit |= ((ka >> 16) == bin_m) | ((kp >> 16) == bin_lo) | ((kp >> 16) == bin_hi) | ((ks >> 16) == bin_min);
+            }
+            if (hit)
+              for (int j = 0; j < kBlock; ++j) one(x_[i + j]);
+          }
+          for (; i < hi; ++i) one(x_[i]);
+        });
       });
-      if (same) low_hi = low_lo;
-      m = D::from_akey((bin_m << 16) | bin_of_rank(low_m.data(), kBins, in_m, &unused));
-      v_lo = pool_value((bin_lo << 16) | bin_of_rank(low_lo.data(), kBins, in_lo, &unused));
-      v_hi = pool_value((bin_hi << 16) | bin_of_rank(low_hi.data(), kBins, in_hi, &unused));
+      vector<uint64_t> low(4 * kBins, 0);
+      for (size_t t = 0; t < T; ++t)
+        for (int j = 0; j < 4 * kBins; ++j) low[j] += local[4 * t * kBins + j];
+      m = D::from_akey((bin_m << 16) | bin_of_rank(&low[0], kBins, in_m, &unused));
+      v_lo = pool_value((bin_lo << 16) | bin_of_rank(&low[kBins], kBins, in_lo, &unused));
+      v_hi = pool_value((bin_hi << 16) | bin_of_rank(&low[2 * kBins], kBins, in_hi, &unused));
+      x_min = D::from_skey((bin_min << 16) | bin_of_rank(&low[3 * kBins], kBins, 0, &unused));
     }
     Stats st;
     st.n_valid = N;
     st.m_neg = std::fabs(x_min);
     st.q_p = interpolate(pr, v_lo, v_hi);
 
-    // Pass 3: the MAD's bin.
-    auto dkey = [m](Raw r) { return bits_of(std::fabs(std::fabs(D::value(r)) - m)); };
-    vector<uint64_t> hist_d, low_d;
-    low_histograms(1, {&hist_d}, [&](Raw r, uint32_t** h) { ++h[0][dkey(r) >> 16]; });
+    // Pass 3: histogram of the high half of d = |a - m|. NaN and Inf give d = NaN or Inf,
+    // whose bins (>= 0x7f80) are dropped; a finite d never lands there.
+    vector<uint64_t> hist_d(kBins, 0);
+    {
+      vector<uint32_t> local(T * kBins, 0);
+      run_threads(threads_, [&](int t) {
+        int64_t b, e;
+        chunk(t, &b, &e);
+        uint32_t* h = &local[t * static_cast<size_t>(kBins)];
+        for_ranges(b, e, [&](int64_t lo, int64_t hi) {
+          for (int64_t i = lo; i < hi; ++i) ++h[bits_of(std::fabs(std::fabs(D::value(x_[i])) - m)) >> 16];
+        });
+      });
+      for (size_t t = 0; t < T; ++t)
+        for (int j = 0; j < 0x7f80; ++j) hist_d[j] += local[t * kBins + j];
+    }
     int64_t in_d;
     const uint32_t bin_d = bin_of_rank(hist_d.data(), kBins, rank, &in_d);
     // Pass 4: the MAD, and count(a < eps) for every eps that MADs in this bin can give
@@ -445,30 +471,49 @@ class LargeGroup {
     for (auto& v : kept) v.reserve(keep_cap);
     vector<int64_t> below_lo(T, 0);
     vector<char> overflow(T, 0);
+    vector<uint64_t> low_d(kBins, 0);
     {
       vector<uint32_t> local(T * kBins, 0);
       run_threads(threads_, [&](int t) {
-        int64_t b, e, c = 0;
+        int64_t b, e;
         chunk(t, &b, &e);
         uint32_t* h = &local[t * static_cast<size_t>(kBins)];
         vector<float>& keep = kept[t];
+        int64_t c = 0;  // NaN and Inf never compare below eps_lo
         bool full = false;
-        for_valid(b, e, [&](int64_t, Raw r) {
-          const float v = D::value(r);
-          const float a = std::fabs(v);
+        auto one = [&](Raw r) {
+          if (!D::finite(r)) return;
+          const float a = std::fabs(D::value(r));
           const uint32_t k = bits_of(std::fabs(a - m));
           if ((k >> 16) == bin_d) ++h[k & 0xffffu];
-          if (a < eps_lo) {
-            ++c;
-          } else if (a <= eps_hi) {
+          if (a >= eps_lo && a <= eps_hi) {
             if (keep.size() < keep_cap) keep.push_back(a);
             else full = true;
+          }
+        };
+        for_ranges(b, e, [&](int64_t lo, int64_t hi) {
+          int64_t i = lo;
+          for (; i + kBlock <= hi; i += kBlock) {
+            uint32_t hit = 0;
+            int32_t below = 0;
+            for (int j = 0; j < kBlock; ++j) {
+              const float a = std::fabs(D::value(x_[i + j]));
+              const uint32_t k = bits_of(std::fabs(a - m));
+              below += a < eps_lo;
+              hit |= ((k >> 16) == bin_d) | ((a >= eps_lo) & (a <= eps_hi));
+            }
+            c += below;
+            if (hit)
+              for (int j = 0; j < kBlock; ++j) one(x_[i + j]);
+          }
+          for (; i < hi; ++i) {
+            c += std::fabs(D::value(x_[i])) < eps_lo;
+            one(x_[i]);
           }
         });
         below_lo[t] = c;
         overflow[t] = full;
       });
-      low_d.assign(kBins, 0);
       for (size_t t = 0; t < T; ++t)
         for (int j = 0; j < kBins; ++j) low_d[j] += local[t * kBins + j];
     }
@@ -485,7 +530,9 @@ class LargeGroup {
       run_threads(threads_, [&](int t) {
         int64_t b, e, c = 0;
         chunk(t, &b, &e);
-        for_valid(b, e, [&](int64_t, Raw r) { c += std::fabs(D::value(r)) < eps; });
+        for_ranges(b, e, [&](int64_t lo, int64_t hi) {
+          for (int64_t i = lo; i < hi; ++i) c += std::fabs(D::value(x_[i])) < eps;
+        });
         below[t] = c;
       });
       for (auto c : below) near_zero += c;
@@ -552,13 +599,15 @@ class LargeGroup {
       chunk(t, &b, &e);
       Raw* y = static_cast<Raw*>(p_.y);
       vector<Candidate>& mine = cands[t];
-      for_valid(b, e, [&](int64_t i, Raw r) {
-        const uint32_t hb = D::akey(r) >> 16;
-        if (hb < bin_t) {
-          const int64_t token = i / p_.I;
-          y[i] = moved_value<D>(p_, D::value(r), token, i - token * p_.I, st.q_p, st.m_neg);
-        } else if (hb == bin_t) {
-          mine.push_back({i, D::value(r)});
+      // NaN and Inf sit above every finite bin: no separate check.
+      for_ranges(b, e, [&](int64_t lo, int64_t hi) {
+        const int64_t token = lo / p_.I, base = token * p_.I, pos = token_position(p_, token);
+        for (int64_t i = lo; i < hi; ++i) {
+          const Raw r = x_[i];
+          const uint32_t hb = D::akey(r) >> 16;
+          if (hb > bin_t) continue;
+          if (hb < bin_t) y[i] = moved_value<D>(p_, D::value(r), i - base, pos, st.q_p, st.m_neg);
+          else mine.push_back({i, D::value(r)});
         }
       });
     });
@@ -582,7 +631,8 @@ class LargeGroup {
         const float a = std::fabs(cand.value);
         if (a < st.threshold || (a == st.threshold && left-- > 0)) {
           const int64_t token = cand.index / p_.I;
-          y[cand.index] = moved_value<D>(p_, cand.value, token, cand.index - token * p_.I, st.q_p, st.m_neg);
+          y[cand.index] = moved_value<D>(p_, cand.value, cand.index - token * p_.I, token_position(p_, token), st.q_p,
+                                         st.m_neg);
         }
       }
     });
@@ -591,6 +641,20 @@ class LargeGroup {
  private:
   // Sign, exponent and top mantissa bits of the raw pattern (the whole of a 16-bit one).
   static uint32_t raw_high(Raw r) { return D::kExactHigh ? r : static_cast<uint32_t>(r) >> 16; }
+  static bool finite_bin(uint32_t high) { return D::finite(static_cast<Raw>(D::kExactHigh ? high : high << 16)); }
+  // skey without a branch (float32 only: the 16-bit dtypes never need it per element).
+  static uint32_t skey_of(uint32_t r) { return r ^ (static_cast<uint32_t>(static_cast<int32_t>(r) >> 31) | 0x80000000u); }
+
+  // Elements of valid tokens in [b, e), as contiguous ranges.
+  template <class F>
+  void for_ranges(int64_t b, int64_t e, F&& f) const {
+    while (b < e) {
+      const int64_t token = b / p_.I;
+      const int64_t token_end = std::min(e, (token + 1) * p_.I);
+      if (token_valid(p_, token)) f(b, token_end);
+      b = token_end;
+    }
+  }
 
   // Ties are taken in flat order: the earliest chunks take theirs first.
   static std::vector<int64_t> split_quota(const std::vector<int64_t>& ties, int64_t quota) {
@@ -620,28 +684,6 @@ class LargeGroup {
         }
       }
       b = token_end;
-    }
-  }
-
-  // Up to three 65536-bin histograms filled in one pass; fill(r, h) adds raw value r to h[0..used).
-  template <class F>
-  void low_histograms(int used, std::initializer_list<std::vector<uint64_t>*> outs, F&& fill) {
-    std::vector<std::vector<uint32_t>> local(used, std::vector<uint32_t>(threads_ * static_cast<size_t>(kBins), 0));
-    run_threads(threads_, [&](int t) {
-      int64_t b, e;
-      chunk(t, &b, &e);
-      uint32_t* h[3] = {nullptr, nullptr, nullptr};
-      for (int j = 0; j < used; ++j) h[j] = &local[j][t * static_cast<size_t>(kBins)];
-      for_valid(b, e, [&](int64_t, Raw r) { fill(r, h); });
-    });
-    int j = 0;
-    for (auto* out : outs) {
-      if (j < used) {
-        out->assign(kBins, 0);
-        for (int t = 0; t < threads_; ++t)
-          for (int b = 0; b < kBins; ++b) (*out)[b] += local[j][t * static_cast<size_t>(kBins) + b];
-      }
-      ++j;
     }
   }
 
