@@ -302,7 +302,9 @@ void small_group(const Problem& p, int64_t begin, int64_t end, std::vector<float
   int64_t near_zero = 0;
   for (int64_t j = 0; j < N; ++j) near_zero += work[j] < eps;
   const int64_t n = moved_count(p.attrs, N, near_zero);
-  std::nth_element(work.begin(), work.begin() + (n - 1), work.end());
+  // work is still partitioned around the median: search only the side that holds rank n-1.
+  if (n - 1 < rank) std::nth_element(work.begin(), work.begin() + (n - 1), work.begin() + rank);
+  else if (n - 1 > rank) std::nth_element(work.begin() + rank + 1, work.begin() + (n - 1), work.end());
   st.threshold = work[n - 1];
   int64_t below = 0;
   for (int64_t j = 0; j < N; ++j) below += work[j] < st.threshold;
