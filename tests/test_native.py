@@ -212,3 +212,40 @@ def test_fuzz_parity(B, S, I, dtype, scope, share, percentile_of, c, p1, k, pmin
     mask = (torch.rand(B, S, generator=gen) < 0.8) if use_mask else None
     positions = torch.randint(0, 2**34, (B, S), generator=gen)
     check(x, mask, positions, config)
+
+
+# --- build and CUDA ------------------------------------------------------------------------
+
+
+def test_library_carries_cuda_kernel_when_built_with_nvcc():
+    import shutil
+    from pathlib import Path
+
+    from armquant import _build
+
+    if shutil.which("nvcc") is None or not list((_build.EXPORT_DIR / "cuda").glob("*.cu")):
+        pytest.skip("no nvcc or no export/cuda/*.cu: the library is CPU-only by design")
+    cache = _build.EXPORT_DIR / "build" / "CMakeCache.txt"
+    if _native.library_path() != _build.EXPORT_DIR / "build" / _build.LIBRARY_NAME and not cache.is_file():
+        pytest.skip("library not built from this checkout's export/")
+    assert _native.has_cuda(), f"{_native.library_path()} was built without its CUDA kernel although nvcc exists"
+    assert Path(_native.library_path()).is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scope", SCOPES)
+def test_cuda_kernel_matches_reference(dtype, scope):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if _native.kernel("cuda") is None:
+        pytest.skip("libarmquant_ort.so was built without the CUDA kernel")
+    gen = torch.Generator().manual_seed(5)
+    for shape in ((1, 1, 1), (2, 3, 33), (2, 7, 5000), (1, 2, 70_000)):
+        for kind in ("normal", "ties", "zeros", "nonfinite"):
+            x = data(kind, shape, dtype, gen)
+            mask = torch.rand(shape[:2], generator=gen) < 0.7
+            positions = torch.randint(0, 2**40, shape[:2], generator=gen)
+            config = ARMConfig(scope=scope, seed=99)
+            got = _native.kernel("cuda")(x.cuda(), mask.cuda(), positions.cuda(), config).cpu()
+            assert_same_bits(got, arm_reference(x, mask, positions, config))

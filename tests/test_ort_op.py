@@ -174,3 +174,23 @@ def test_session_still_works_after_an_error():
         run(sess, torch.randn(2, 3, 4), torch.ones(3, 2, dtype=torch.bool))
     x, mask = torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
     assert_same_bits(run(sess, x, mask), arm_reference(x, mask))
+
+
+@pytest.mark.gpu
+def test_cuda_execution_provider_matches_reference():
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDAExecutionProvider")
+    if not _native.has_cuda():
+        pytest.skip("libarmquant_ort.so was built without the CUDA kernel")
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(LIBRARY)
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["B", "S", "I"]),
+              helper.make_tensor_value_info("mask", TensorProto.INT64, ["B", "S"])]
+    node = helper.make_node("ARM", ["X", "mask"], ["Y"], domain="armquant", scope="sequence", seed=3)
+    graph = helper.make_graph([node], "arm", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("armquant", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+    x = torch.randn(2, 6, 3000)
+    mask = torch.tensor([[1, 1, 1, 0, 1, 1], [0, 0, 1, 1, 1, 1]])
+    y = torch.from_numpy(sess.run(None, {"X": x.numpy(), "mask": mask.numpy()})[0])
+    assert_same_bits(y, arm_reference(x, mask, None, ARMConfig(seed=3)))
