@@ -3,7 +3,7 @@
 // Per group (scope) we need order statistics of the valid values: the lower median m of |x|,
 // the MAD (the same rank of |a - m|), the rank n-1 of |x| (the selection threshold) and two
 // adjacent ranks of the percentile pool. Two strategies, both O(N):
-//  - small groups (a token's channels): copy into scratch and use std::nth_element;
+//  - small groups (a token's channels): copy keys into scratch and radix-select them (11, 11, 10 bits);
 //    groups are spread across threads.
 //  - large groups (a whole sequence or tensor): radix select on the float bit patterns, which
 //    order like the values. A 65536-bin histogram of the high 16 bits finds the bin holding a
@@ -253,61 +253,107 @@ void run_threads(int threads, F&& body) {
   for (auto& th : pool) th.join();
 }
 
-// ---- small groups: nth_element on scratch copies ----------------------------------------
+// ---- small groups: radix select on scratch copies of the keys -----------------------------
+
+// Per-worker scratch, allocated before the workers start.
+struct Scratch {
+  std::vector<float> vals;
+  std::vector<uint32_t> akeys, keys, tmp;
+  void reserve(int64_t n) {
+    vals.reserve(n);
+    akeys.reserve(n);
+    keys.reserve(n);
+    tmp.reserve(n);
+  }
+};
+
+// The rank-k (0-based) smallest of keys[0, n): 11, 11 and 10 bits at a time, keeping only
+// the elements of the chosen bin between levels. keys is left as it is; tmp is scratch.
+inline uint32_t radix_select(const uint32_t* keys, int64_t n, int64_t k, uint32_t* tmp) {
+  static constexpr int kShift[3] = {21, 10, 0};
+  static constexpr uint32_t kMask[3] = {0x7ffu, 0x7ffu, 0x3ffu};
+  uint32_t hist[2048];
+  const uint32_t* src = keys;
+  uint32_t result = 0;
+  for (int level = 0; level < 3; ++level) {
+    const int shift = kShift[level];
+    const uint32_t mask = kMask[level];
+    std::memset(hist, 0, sizeof hist);
+    for (int64_t i = 0; i < n; ++i) ++hist[(src[i] >> shift) & mask];
+    uint32_t bin = 0;
+    int64_t cum = 0;
+    while (cum + static_cast<int64_t>(hist[bin]) <= k) cum += hist[bin++];
+    k -= cum;
+    result |= bin << shift;
+    if (level == 2) break;
+    if (hist[bin] == static_cast<uint32_t>(n)) continue;  // all in one bin: nothing to drop
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t key = src[i];
+      tmp[kept] = key;  // written always, kept only when in the bin: no branch
+      kept += ((key >> shift) & mask) == bin;
+    }
+    src = tmp;
+    n = kept;
+  }
+  return result;
+}
+
+inline uint32_t signed_key(float v) {
+  const uint32_t r = bits_of(v);
+  return r ^ (static_cast<uint32_t>(static_cast<int32_t>(r) >> 31) | 0x80000000u);
+}
+inline float from_signed_key(uint32_t k) { return float_of(k ^ ((k & 0x80000000u) ? 0x80000000u : 0xffffffffu)); }
 
 template <class D>
-void small_group(const Problem& p, int64_t begin, int64_t end, std::vector<float>& vals, std::vector<float>& work) {
+void small_group(const Problem& p, int64_t begin, int64_t end, Scratch& s) {
   using Raw = typename D::Raw;
   const Raw* x = static_cast<const Raw*>(p.x);
   std::memcpy(static_cast<Raw*>(p.y) + begin, x + begin, (end - begin) * sizeof(Raw));
-  vals.clear();
+  s.vals.clear();
   float x_min = INFINITY;
   for (int64_t token = begin / p.I; token * p.I < end; ++token) {
     if (!token_valid(p, token)) continue;
     for (int64_t e = token * p.I, stop = std::min(end, e + p.I); e < stop; ++e) {
       if (!D::finite(x[e])) continue;
       const float v = D::value(x[e]);
-      vals.push_back(v);
+      s.vals.push_back(v);
       x_min = std::min(x_min, v);
     }
   }
-  const int64_t N = static_cast<int64_t>(vals.size());
+  const int64_t N = static_cast<int64_t>(s.vals.size());
   if (N == 0) return;
   const int64_t rank = (N - 1) / 2;
-  work.resize(N);
-  for (int64_t j = 0; j < N; ++j) work[j] = std::fabs(vals[j]);
-  std::nth_element(work.begin(), work.begin() + rank, work.end());
-  const float m = work[rank];
+  s.akeys.resize(N);
+  s.keys.resize(N);
+  s.tmp.resize(N);
+  // Keys of non-negative floats order like the values.
+  for (int64_t j = 0; j < N; ++j) s.akeys[j] = bits_of(std::fabs(s.vals[j]));
+  const float m = float_of(radix_select(s.akeys.data(), N, rank, s.tmp.data()));
 
   Stats st;
   st.n_valid = N;
   st.m_neg = std::fabs(x_min);
-  // Percentile first, while vals is still free to reorder.
   const PercentileRanks pr = percentile_ranks(p.attrs, N);
-  {
-    if (p.attrs.percentile_abs) {
-      for (auto& v : vals) v = std::fabs(v);  // the pool is a; signed values are not needed again
-    }
-    std::nth_element(vals.begin(), vals.begin() + pr.lo_index, vals.end());
-    const float v_lo = vals[pr.lo_index];
-    float v_hi = v_lo;
-    if (pr.hi_index != pr.lo_index) v_hi = *std::min_element(vals.begin() + pr.lo_index + 1, vals.end());
-    st.q_p = interpolate(pr, v_lo, v_hi);
+  float v_lo, v_hi;
+  if (p.attrs.percentile_abs) {
+    v_lo = float_of(radix_select(s.akeys.data(), N, pr.lo_index, s.tmp.data()));
+    v_hi = pr.hi_index == pr.lo_index ? v_lo : float_of(radix_select(s.akeys.data(), N, pr.hi_index, s.tmp.data()));
+  } else {
+    for (int64_t j = 0; j < N; ++j) s.keys[j] = signed_key(s.vals[j]);
+    v_lo = from_signed_key(radix_select(s.keys.data(), N, pr.lo_index, s.tmp.data()));
+    v_hi = pr.hi_index == pr.lo_index ? v_lo : from_signed_key(radix_select(s.keys.data(), N, pr.hi_index, s.tmp.data()));
   }
-  // vals now holds an arbitrary permutation; rebuild deviations from work (also a permutation of a).
-  vals.resize(N);
-  for (int64_t j = 0; j < N; ++j) vals[j] = std::fabs(work[j] - m);
-  std::nth_element(vals.begin(), vals.begin() + rank, vals.end());
-  const float eps = epsilon(p.attrs, vals[rank]);
+  st.q_p = interpolate(pr, v_lo, v_hi);
+
+  for (int64_t j = 0; j < N; ++j) s.keys[j] = bits_of(std::fabs(float_of(s.akeys[j]) - m));
+  const float eps = epsilon(p.attrs, float_of(radix_select(s.keys.data(), N, rank, s.tmp.data())));
   int64_t near_zero = 0;
-  for (int64_t j = 0; j < N; ++j) near_zero += work[j] < eps;
+  for (int64_t j = 0; j < N; ++j) near_zero += float_of(s.akeys[j]) < eps;
   const int64_t n = moved_count(p.attrs, N, near_zero);
-  // work is still partitioned around the median: search only the side that holds rank n-1.
-  if (n - 1 < rank) std::nth_element(work.begin(), work.begin() + (n - 1), work.begin() + rank);
-  else if (n - 1 > rank) std::nth_element(work.begin() + rank + 1, work.begin() + (n - 1), work.end());
-  st.threshold = work[n - 1];
+  st.threshold = float_of(radix_select(s.akeys.data(), N, n - 1, s.tmp.data()));
   int64_t below = 0;
-  for (int64_t j = 0; j < N; ++j) below += work[j] < st.threshold;
+  for (int64_t j = 0; j < N; ++j) below += float_of(s.akeys[j]) < st.threshold;
   st.tie_quota = n - below;
   select_and_move<D>(p, begin, end, st, st.tie_quota);
 }
@@ -714,11 +760,11 @@ void forward(const Problem& p, int threads) {
   const int workers = static_cast<int>(std::min<int64_t>(threads, groups));
   // Scratch is allocated here, not in the workers, so that running out of memory is an error
   // code rather than an exception escaping a thread.
-  std::vector<std::vector<float>> scratch(2 * workers);
-  for (auto& v : scratch) v.reserve(group_size);
+  std::vector<Scratch> scratch(workers);
+  for (auto& s : scratch) s.reserve(group_size);
   run_threads(workers, [&](int t) {
     for (int64_t g = groups * t / workers, stop = groups * (t + 1) / workers; g < stop; ++g)
-      small_group<D>(p, g * group_size, (g + 1) * group_size, scratch[2 * t], scratch[2 * t + 1]);
+      small_group<D>(p, g * group_size, (g + 1) * group_size, scratch[t]);
   });
 }
 
