@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <new>
@@ -25,6 +26,10 @@
 #include <vector>
 
 #include "arm_internal.h"
+
+#ifdef __linux__
+#include <sched.h>
+#endif
 
 namespace armq {
 namespace {
@@ -801,6 +806,15 @@ void philox4x32_10(const uint32_t counter[4], const uint32_t key[2], uint32_t ou
 }
 
 int default_threads() {
+  // $ARMQUANT_NUM_THREADS, else the CPUs this process may run on.
+  if (const char* env = std::getenv("ARMQUANT_NUM_THREADS")) {
+    const int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+#endif
   const unsigned n = std::thread::hardware_concurrency();
   return n ? static_cast<int>(n) : 1;
 }
