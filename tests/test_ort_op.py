@@ -194,3 +194,9 @@ def test_cuda_execution_provider_matches_reference():
     mask = torch.tensor([[1, 1, 1, 0, 1, 1], [0, 0, 1, 1, 1, 1]])
     y = torch.from_numpy(sess.run(None, {"X": x.numpy(), "mask": mask.numpy()})[0])
     assert_same_bits(y, arm_reference(x, mask, None, ARMConfig(seed=3)))
+
+
+def test_public_library_path():
+    import armquant
+
+    assert armquant.ort_library_path() == LIBRARY
