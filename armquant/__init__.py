@@ -1,17 +1,33 @@
-"""armquant: quantize, export and serve language models that carry ARM (arXiv 2510.01032)."""
+"""armquant: quantize, export and serve language models that carry ARM (arXiv 2510.01032).
+
+The public names are imported on first use, so `import armquant` stays light (the op alone
+needs only torch and numpy).
+"""
+
+import importlib
 
 from armquant.arm import ARM, ARMConfig, PRESETS, arm, arm_reference
 
-__all__ = ["ARM", "ARMConfig", "PRESETS", "arm", "arm_reference", "ort_library_path"]
+# Functions named like their modules are bound eagerly, so the function wins over the submodule.
+from armquant.evaluate import evaluate, perplexity
+
 __version__ = "0.1.0"
 
+_LAZY = {
+    "load": "armquant.models",
+    "save": "armquant.models",
+    "convert": "armquant.models",
+    "ARMModelConfig": "armquant.models",
+    "session": "armquant.runtime",
+    "Engine": "armquant.generate",
+    "SamplingParams": "armquant.generate",
+    "ort_library_path": "armquant._native",  # the ONNX Runtime custom-op library (op ARM)
+}
 
-def ort_library_path() -> str:
-    """Path of libarmquant_ort.so, the ONNX Runtime custom-op library (op ARM, domain armquant).
+__all__ = ["ARM", "ARMConfig", "PRESETS", "arm", "arm_reference", "evaluate", "perplexity", *_LAZY]
 
-    Use it as `SessionOptions.register_custom_ops_library(armquant.ort_library_path())`.
-    Raises FileNotFoundError, saying how to build it, when it is not built.
-    """
-    from armquant import _native  # loaded on use: `python -m armquant._native` stays clean
 
-    return _native.ort_library_path()
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'armquant' has no attribute {name!r}")

@@ -14,6 +14,8 @@ import sys
 COMMAND_MODULES = [
     "armquant.models",  # convert, info
     "armquant.evaluate",  # eval
+    "armquant.generate",  # generate
+    "armquant.serve",  # serve
 ]
 
 
