@@ -23,7 +23,7 @@ namespace {
 
 constexpr int kThreads = 256;               // streaming kernels
 constexpr int64_t kChunk = 32768;           // elements per block in streaming kernels
-constexpr int kHist16Threads = 512;
+constexpr int kHist16Threads = 1024;
 constexpr int64_t kHist16Chunk = 32768;     // < 65536: the 16-bit shared counters cannot overflow
 constexpr int kAnalyzeThreads = 1024;
 constexpr int kBins16 = 65536, kMags16 = 32768;
@@ -59,23 +59,31 @@ template <class Tr>
 struct Run {
   alignas(16) typename Tr::raw v[Tr::VEC];
   int count;
-  unsigned valid;  // bit k: element k is valid (token kept by the mask, value finite)
+  unsigned valid;         // bit k: element k is valid (token kept by the mask, value finite)
+  int64_t token, channel;  // of the run's first element
 };
 
+// Loads only, so that a thread can put several loads in flight before using them.
 template <class Tr>
-__device__ __forceinline__ void load_run(const typename Tr::raw* x, const Problem& P, int64_t start,
-                                         int64_t end, Run<Tr>& r) {
+__device__ __forceinline__ void fetch_run(const typename Tr::raw* x, const Problem& P, int64_t start,
+                                          int64_t end, Run<Tr>& r) {
   int64_t left = end - start;
   r.count = left <= 0 ? 0 : (left < Tr::VEC ? (int)left : (int)Tr::VEC);
-  r.valid = 0;
-  if (r.count == 0) return;
   if (P.aligned && r.count == Tr::VEC) {
     *reinterpret_cast<uint4*>(r.v) = *reinterpret_cast<const uint4*>(x + start);
   } else {
 #pragma unroll
     for (int k = 0; k < Tr::VEC; ++k) r.v[k] = k < r.count ? x[start + k] : typename Tr::raw(0);
   }
+}
+
+template <class Tr>
+__device__ __forceinline__ void classify_run(const Problem& P, int64_t start, Run<Tr>& r) {
+  r.valid = 0;
+  if (r.count == 0) return;
   int64_t token = start / P.I, channel = start - token * P.I;
+  r.token = token;
+  r.channel = channel;
   bool keep = token_valid(P, token);
 #pragma unroll
   for (int k = 0; k < Tr::VEC; ++k) {
@@ -88,6 +96,13 @@ __device__ __forceinline__ void load_run(const typename Tr::raw* x, const Proble
       ++channel;
     }
   }
+}
+
+template <class Tr>
+__device__ __forceinline__ void load_run(const typename Tr::raw* x, const Problem& P, int64_t start,
+                                         int64_t end, Run<Tr>& r) {
+  fetch_run<Tr>(x, P, start, end, r);
+  classify_run<Tr>(P, start, r);
 }
 
 template <class Tr>
@@ -339,22 +354,27 @@ __global__ void k_moved_count(GroupState* st, int64_t G, armq_attrs at) {
 // --- hist16 plan ----------------------------------------------------------------------------
 
 // 65536-bin histogram of the raw bits of the valid elements, per group. Shared counters are
-// 16 bits wide, two to a word, which is why a block sees fewer than 65536 elements.
+// 16 bits wide, two to a word (128 KiB), which is why a block sees fewer than 65536 elements.
 template <class Tr>
 __global__ void __launch_bounds__(kHist16Threads)
     k_hist16(const typename Tr::raw* x, Problem P, uint32_t* hist) {
+  constexpr int kTiles = (int)(kHist16Chunk / (kHist16Threads * Tr::VEC));
   extern __shared__ uint4 smem16[];
   uint32_t* sh = reinterpret_cast<uint32_t*>(smem16);
+  ChunkRange cr = chunk_range(P);
+  Run<Tr> runs[kTiles];
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i)
+    fetch_run<Tr>(x, P, cr.begin + ((int64_t)i * kHist16Threads + threadIdx.x) * Tr::VEC, cr.end, runs[i]);
   for (int i = threadIdx.x; i < kMags16 / 4; i += kHist16Threads) smem16[i] = make_uint4(0, 0, 0, 0);
   __syncthreads();
-  ChunkRange cr = chunk_range(P);
-  for (int64_t base = cr.begin; base < cr.end; base += (int64_t)kHist16Threads * Tr::VEC) {
-    Run<Tr> r;
-    load_run<Tr>(x, P, base + (int64_t)threadIdx.x * Tr::VEC, cr.end, r);
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+    classify_run<Tr>(P, cr.begin + ((int64_t)i * kHist16Threads + threadIdx.x) * Tr::VEC, runs[i]);
 #pragma unroll
     for (int k = 0; k < Tr::VEC; ++k) {
-      if (!(r.valid >> k & 1u)) continue;
-      uint32_t b = r.v[k];
+      if (!(runs[i].valid >> k & 1u)) continue;
+      uint32_t b = runs[i].v[k];
       atomicAdd(&sh[b >> 1], 1u << ((b & 1u) * 16));
     }
   }
@@ -574,12 +594,20 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // y: selected elements move to sign * (u * T); every other element is copied bit for bit.
+// Each warp queues its selected elements in shared memory and draws Philox for them with all
+// lanes busy: drawing in place would run Philox for nearly every element, since some lane of
+// a warp is almost always selected.
 template <class Tr>
 __global__ void __launch_bounds__(kThreads)
     k_output(const typename Tr::raw* x, typename Tr::raw* y, Problem P, const GroupState* st,
              const u64* chunk_offset, uint64_t seed) {
   typedef cub::BlockScan<uint32_t, kThreads> Scan;
+  constexpr int kWarps = kThreads / 32, kWarpRun = 32 * Tr::VEC;
   __shared__ typename Scan::TempStorage tmp;
+  __shared__ alignas(16) typename Tr::raw staged[kWarps][kWarpRun];
+  __shared__ uint16_t queue[kWarps][kWarpRun];
+  __shared__ int64_t run_token[kWarps][32], run_channel[kWarps][32], run_position[kWarps][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   ChunkRange cr = chunk_range(P);
   const GroupState& s = st[cr.g];
   const u64 n = s.n;
@@ -603,23 +631,53 @@ __global__ void __launch_bounds__(kThreads)
       tie_rank += excl;
       tie_base += total;
     }
-    if (n && r.valid) {
-      int64_t token = start / P.I, channel = start - token * P.I;
+    unsigned take = 0;
+    if (n) {
 #pragma unroll
-      for (int k = 0; k < Tr::VEC; ++k, ++channel) {
-        if (channel == P.I) {
-          channel = 0;
-          ++token;
-        }
+      for (int k = 0; k < Tr::VEC; ++k) {
         if (!(r.valid >> k & 1u)) continue;
         uint32_t key = Tr::key_abs(r.v[k]);
-        bool take = key < t_key;
-        if (key == t_key) take = !partial || tie_rank++ < need;
-        if (!take) continue;
-        int64_t position = P.positions ? P.positions[token] : token % P.S;
-        float u = uniform((uint32_t)channel, position, seed);
-        r.v[k] = Tr::narrow(moved_value(Tr::widen(r.v[k]), u, qp, mneg));
+        bool selected = key < t_key;
+        if (key == t_key) selected = !partial || tie_rank++ < need;
+        if (selected) take |= 1u << k;
       }
+    }
+    if (__any_sync(kFull, take)) {  // warp-uniform
+      int count = __popc(take), incl = count;
+#pragma unroll
+      for (int d = 1; d < 32; d *= 2) {
+        int o = __shfl_up_sync(kFull, incl, d);
+        if (lane >= d) incl += o;
+      }
+      const int total = __shfl_sync(kFull, incl, 31);
+      int slot = incl - count;
+#pragma unroll
+      for (int k = 0; k < Tr::VEC; ++k)
+        if (take >> k & 1u) queue[warp][slot++] = (uint16_t)(lane * Tr::VEC + k);
+      *reinterpret_cast<uint4*>(&staged[warp][lane * Tr::VEC]) = *reinterpret_cast<const uint4*>(r.v);
+      if (take) {
+        run_token[warp][lane] = r.token;
+        run_channel[warp][lane] = r.channel;
+        run_position[warp][lane] = P.positions ? P.positions[r.token] : r.token % P.S;
+      }
+      __syncwarp();
+      for (int i = lane; i < total; i += 32) {
+        const int pos = queue[warp][i], src = pos / Tr::VEC;
+        int64_t channel = run_channel[warp][src] + pos % Tr::VEC, position = run_position[warp][src];
+        if (channel >= P.I) {  // the run crossed into a later token
+          int64_t token = run_token[warp][src];
+          while (channel >= P.I) {
+            channel -= P.I;
+            ++token;
+          }
+          position = P.positions ? P.positions[token] : token % P.S;
+        }
+        float u = uniform((uint32_t)channel, position, seed);
+        staged[warp][pos] = Tr::narrow(moved_value(Tr::widen(staged[warp][pos]), u, qp, mneg));
+      }
+      __syncwarp();
+      *reinterpret_cast<uint4*>(r.v) = *reinterpret_cast<const uint4*>(&staged[warp][lane * Tr::VEC]);
+      __syncwarp();  // staged and queue are reused next tile
     }
     store_run<Tr>(y, P, start, r);
   }
@@ -659,12 +717,19 @@ Plan make_plan(armq_dtype dtype, int64_t B, int64_t S, int64_t I, const armq_att
 template <class Tr>
 cudaError_t enqueue_hist16(const typename Tr::raw* x, const Problem& P, const Plan& plan, GroupState* st,
                            uint32_t* hist, const armq_attrs& at, cudaStream_t stream) {
-  // A per-device function setting, not a stream operation: allowed while capturing.
-  cudaError_t err =
-      cudaFuncSetAttribute(k_hist16<Tr>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kHist16Smem);
-  if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(k_analyze16<Tr>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kAnalyzeSmem);
+  // Opt in to more than 48 KiB of shared memory, once per device (a function setting, not a
+  // stream operation; done before the first launch, which in practice precedes any capture).
+  static bool opted_in[64] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
+  if (device >= 64 || !opted_in[device]) {
+    err = cudaFuncSetAttribute(k_hist16<Tr>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kHist16Smem);
+    if (err == cudaSuccess)
+      err = cudaFuncSetAttribute(k_analyze16<Tr>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kAnalyzeSmem);
+    if (err != cudaSuccess) return err;
+    if (device < 64) opted_in[device] = true;
+  }
   Problem P16 = P;
   P16.chunk = kHist16Chunk;
   P16.chunks = plan.chunks16;
