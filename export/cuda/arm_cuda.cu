@@ -604,10 +604,11 @@ __global__ void __launch_bounds__(kThreads)
   typedef cub::BlockScan<uint32_t, kThreads> Scan;
   constexpr int kWarps = kThreads / 32, kWarpRun = 32 * Tr::VEC;
   __shared__ typename Scan::TempStorage tmp;
-  __shared__ alignas(16) typename Tr::raw staged[kWarps][kWarpRun];
+  __shared__ uint4 staged_words[kWarps][kWarpRun * sizeof(typename Tr::raw) / 16];  // 16-byte aligned
   __shared__ uint16_t queue[kWarps][kWarpRun];
   __shared__ int64_t run_token[kWarps][32], run_channel[kWarps][32], run_position[kWarps][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  typename Tr::raw* staged = reinterpret_cast<typename Tr::raw*>(staged_words[warp]);
   ChunkRange cr = chunk_range(P);
   const GroupState& s = st[cr.g];
   const u64 n = s.n;
@@ -654,7 +655,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < Tr::VEC; ++k)
         if (take >> k & 1u) queue[warp][slot++] = (uint16_t)(lane * Tr::VEC + k);
-      *reinterpret_cast<uint4*>(&staged[warp][lane * Tr::VEC]) = *reinterpret_cast<const uint4*>(r.v);
+      *reinterpret_cast<uint4*>(&staged[lane * Tr::VEC]) = *reinterpret_cast<const uint4*>(r.v);
       if (take) {
         run_token[warp][lane] = r.token;
         run_channel[warp][lane] = r.channel;
@@ -673,10 +674,10 @@ __global__ void __launch_bounds__(kThreads)
           position = P.positions ? P.positions[token] : token % P.S;
         }
         float u = uniform((uint32_t)channel, position, seed);
-        staged[warp][pos] = Tr::narrow(moved_value(Tr::widen(staged[warp][pos]), u, qp, mneg));
+        staged[pos] = Tr::narrow(moved_value(Tr::widen(staged[pos]), u, qp, mneg));
       }
       __syncwarp();
-      *reinterpret_cast<uint4*>(r.v) = *reinterpret_cast<const uint4*>(&staged[warp][lane * Tr::VEC]);
+      *reinterpret_cast<uint4*>(r.v) = *reinterpret_cast<const uint4*>(&staged[lane * Tr::VEC]);
       __syncwarp();  // staged and queue are reused next tile
     }
     store_run<Tr>(y, P, start, r);
