@@ -197,6 +197,35 @@ def parity(kernel: CudaARM, seed: int, quick: bool) -> dict:
     return {"seed": seed, "cases": checked, "failures": failures, "elements_moved": moved}
 
 
+def binding_check(seed: int) -> dict:
+    """torch.ops.armquant.arm on CUDA tensors with ARMQUANT_ARM_BACKEND=native: the whole PyTorch
+    path (custom op, armquant._native, this library) against the reference."""
+    try:
+        from armquant import _native
+        from armquant.arm import arm
+    except ImportError as e:
+        return {"skipped": f"armquant._native is not in this checkout ({e})"}
+    if _native.kernel("cuda") is None:
+        return {"skipped": f"armquant._native found no CUDA kernel in {_native.library_path()}"}
+    os.environ["ARMQUANT_ARM_BACKEND"] = "native"
+    g = torch.Generator().manual_seed(seed)
+    failures, checked = [], 0
+    try:
+        for dtype in DTYPES:
+            for kind in ("silu", "mask_bool", "mask_int64_positions"):
+                for cname, config in CONFIGS.items():
+                    x, mask, positions = make_inputs(kind, (3, 17, 130), dtype, g, DEVICE)
+                    got = arm(x, mask, positions, config).cpu()
+                    want = arm_reference(x.cpu(), None if mask is None else mask.cpu(),
+                                         None if positions is None else positions.cpu(), config)
+                    checked += 1
+                    if not torch.equal(bits(got), bits(want)):
+                        failures.append(f"torch op {dtype} {kind} {cname}: {(bits(got) != bits(want)).sum().item()} differ")
+    finally:
+        os.environ.pop("ARMQUANT_ARM_BACKEND", None)
+    return {"cases": checked, "failures": failures, "library": str(_native.library_path())}
+
+
 def parity_large(kernel: CudaARM, seed: int, shapes, configs) -> dict:
     """Benchmark-sized inputs, reference run on the GPU (sorts) to keep the check fast."""
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -395,6 +424,7 @@ def main() -> int:
 
     sections = [
         ("parity", lambda: parity(kernel, args.seed, args.quick)),
+        ("binding", lambda: binding_check(args.seed + 2)),
         ("graph", lambda: graph_check(kernel)),
         ("parity_large", lambda: parity_large(
             kernel, args.seed + 1, [(1, 2048, 14336)] if args.quick else [(1, 2048, 14336), (8, 2048, 14336)],
@@ -423,11 +453,17 @@ def main() -> int:
     print(f"ARM CUDA kernel check on {result['machine']['device']} (seed {args.seed}, rev {result['machine']['git_rev'][:10]})")
     p = result.get("parity", {})
     if "cases" in p:
-        print(f"parity vs arm_reference (CPU): {p['cases']} cases, {len(p['failures'])} failing")
+        print(f"parity vs arm_reference (CPU), direct ctypes calls: {p['cases']} cases, {len(p['failures'])} failing")
     pl = result.get("parity_large", {})
     if "rows" in pl:
         print(f"parity at benchmark sizes (reference on GPU): {len(pl['rows'])} runs, {len(pl['failures'])} failing; "
               f"reference CUDA == CPU: {pl['reference_cuda_equals_cpu']}")
+    b = result.get("binding", {})
+    if "cases" in b:
+        print(f"torch.ops.armquant.arm via armquant._native (ARMQUANT_ARM_BACKEND=native): {b['cases']} cases, "
+              f"{len(b['failures'])} failing")
+    elif "skipped" in b:
+        print(f"torch.ops.armquant.arm via armquant._native: SKIPPED, {b['skipped']}")
     gr = result.get("graph", {})
     if "failures" in gr:
         print(f"CUDA graph capture and replay: {'ok' if not gr['failures'] else 'FAILING'}")

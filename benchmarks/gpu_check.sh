@@ -29,7 +29,13 @@ PY=${PYTHON:-python3}
 LIB=""
 if [ -f export/CMakeLists.txt ] && command -v cmake >/dev/null; then
   say "building with CMake (export/CMakeLists.txt) into $BUILD/cmake"
-  if timeout 300 cmake -S export -B "$BUILD/cmake" -DCMAKE_BUILD_TYPE=Release >"$BUILD/cmake.log" 2>&1 \
+  # No network on the GPU machine: ONNX Runtime headers from $ARMQ_ORT_INCLUDE_DIR or build/ort-headers/.
+  ORT_ARGS=()
+  ORT_DIR=${ARMQ_ORT_INCLUDE_DIR:-}
+  [ -z "$ORT_DIR" ] && [ -f build/ort-headers/onnxruntime_c_api.h ] && ORT_DIR=$PWD/build/ort-headers
+  [ -n "$ORT_DIR" ] && ORT_ARGS=("-DARMQ_ORT_INCLUDE_DIR=$ORT_DIR") && say "ONNX Runtime headers: $ORT_DIR"
+  if timeout 300 cmake -S export -B "$BUILD/cmake" -DCMAKE_BUILD_TYPE=Release -DARMQ_CUDA=ON ${ORT_ARGS[@]+"${ORT_ARGS[@]}"} \
+       >"$BUILD/cmake.log" 2>&1 \
      && timeout 300 cmake --build "$BUILD/cmake" -j "$(nproc)" >>"$BUILD/cmake.log" 2>&1; then
     LIB=$(find "$BUILD/cmake" -name 'libarmquant_ort*.so' | head -1)
     [ -n "$LIB" ] && "$PY" -c "import ctypes,sys; sys.exit(0 if ctypes.CDLL('$LIB').armq_has_cuda() == 1 else 1)" \
@@ -47,6 +53,8 @@ if [ -z "$LIB" ]; then
     -o "$LIB" export/cuda/arm_cuda.cu || fail "nvcc build of export/cuda/arm_cuda.cu failed"
 fi
 say "library: $LIB"
+export ARMQUANT_LIBRARY="$PWD/$LIB"  # armquant._native loads this one
+[[ "$LIB" = /* ]] && export ARMQUANT_LIBRARY="$LIB"
 timeout 420 "$PY" benchmarks/gpu_check.py --lib "$LIB" "$@"
 rc=$?
 [ $rc -eq 124 ] && say "ERROR: gpu_check.py ran past 420 s and was stopped"

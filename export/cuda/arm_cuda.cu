@@ -836,6 +836,13 @@ int armq_cuda_forward(armq_dtype dtype, const void* x, void* y, int64_t B, int64
   return cudaErrorInvalidValue;
 }
 
+// Text for the cudaError_t values armq_cuda_forward returns (armq_error_string asks for it).
+const char* armq_cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+#ifndef ARMQ_WITH_CUDA
+// Built alone with nvcc (benchmarks/gpu_check.sh without the CMake project); the library build
+// defines armq_has_cuda in export/cpu/arm_common.cc.
 int armq_has_cuda(void) { return 1; }
+#endif
 
 }  // extern "C"
