@@ -32,7 +32,7 @@ from armquant.arm import PRESETS, ARMConfig, arm_reference  # noqa: E402
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 SCOPES = {"tensor": 0, "sequence": 1, "token": 2}
 T0 = time.perf_counter()
-DEVICE = "cuda"  # the parity loop runs on the CPU only in the script's own smoke test
+DEVICE = "cuda"  # "cpu" only in a smoke test of this script with a stand-in kernel
 
 
 def log(msg: str) -> None:
@@ -158,6 +158,7 @@ CONFIGS = {
 }
 # Small and odd shapes; (70, 3, 50) and (2, 64, 300) put more than 64 groups through the radix
 # plan for 16-bit dtypes under scope sequence / token.
+BENCH_SHAPES = [(1, 2048, 14336), (8, 2048, 14336)]  # Llama-3.1-8B MLP activations, bfloat16
 SMALL_SHAPES = [(1, 1, 1), (1, 7, 3), (2, 3, 37), (3, 5, 129), (2, 64, 300), (4, 33, 1000), (70, 3, 50)]
 
 
@@ -205,7 +206,7 @@ def binding_check(seed: int) -> dict:
         from armquant.arm import arm
     except ImportError as e:
         return {"skipped": f"armquant._native is not in this checkout ({e})"}
-    if _native.kernel("cuda") is None:
+    if _native.kernel(DEVICE) is None:
         return {"skipped": f"armquant._native found no CUDA kernel in {_native.library_path()}"}
     os.environ["ARMQUANT_ARM_BACKEND"] = "native"
     g = torch.Generator().manual_seed(seed)
@@ -228,11 +229,11 @@ def binding_check(seed: int) -> dict:
 
 def parity_large(kernel: CudaARM, seed: int, shapes, configs) -> dict:
     """Benchmark-sized inputs, reference run on the GPU (sorts) to keep the check fast."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
     rows, failures = [], []
     for shape in shapes:
         for name, config in configs:
-            x = torch.nn.functional.silu(torch.randn(*shape, generator=g, device="cuda") * 2).to(torch.bfloat16)
+            x = torch.nn.functional.silu(torch.randn(*shape, generator=g, device=DEVICE) * 2).to(torch.bfloat16)
             want = arm_reference(x, None, None, config)
             got = kernel(x, None, None, config)
             bad = int((bits(got) != bits(want)).sum())
@@ -244,7 +245,7 @@ def parity_large(kernel: CudaARM, seed: int, shapes, configs) -> dict:
             del x, want, got
             torch.cuda.empty_cache()
     # The reference on the GPU must agree with the reference on the CPU (it defines the truth).
-    x = torch.nn.functional.silu(torch.randn(2, 64, 512, generator=g, device="cuda") * 2).to(torch.bfloat16)
+    x = torch.nn.functional.silu(torch.randn(2, 64, 512, generator=g, device=DEVICE) * 2).to(torch.bfloat16)
     same = torch.equal(bits(arm_reference(x, None, None, ARMConfig()).cpu()),
                        bits(arm_reference(x.cpu(), None, None, ARMConfig())))
     if not same:
@@ -257,8 +258,8 @@ def graph_check(kernel: CudaARM) -> dict:
     failures = []
     for dtype, scope in [(torch.bfloat16, "sequence"), (torch.float32, "token"), (torch.float16, "tensor")]:
         config = PRESETS["qwen2.5"].replace(scope=scope)
-        x = torch.randn(2, 16, 384, device="cuda").to(dtype)
-        mask = torch.ones(2, 16, dtype=torch.bool, device="cuda")
+        x = torch.randn(2, 16, 384, device=DEVICE).to(dtype)
+        mask = torch.ones(2, 16, dtype=torch.bool, device=DEVICE)
         y, args, keep = kernel.prepare(x, mask, None, config)
         static_x = keep[0]
         kernel.launch(args)  # warm up outside the capture
@@ -267,7 +268,7 @@ def graph_check(kernel: CudaARM) -> dict:
         with torch.cuda.graph(graph):
             kernel.launch(args)
         for trial in range(3):
-            fresh = torch.randn(2, 16, 384, device="cuda").to(dtype)
+            fresh = torch.randn(2, 16, 384, device=DEVICE).to(dtype)
             fresh[0, 0, :7] = 0.0
             static_x.copy_(fresh)
             mask[1, : trial * 3] = False
@@ -332,22 +333,23 @@ def graph_time_ms(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
-def timing(kernel: CudaARM, shapes, quick: bool) -> list[dict]:
+def timing(kernel: CudaARM, shapes, quick: bool, hidden: int = 4096) -> list[dict]:
+    """Llama-3.1-8B's MLP: hidden 4096, intermediate I (14336) = the ARM tensor's last dim."""
     rows = []
-    hidden, inter = 4096, 14336
-    w_gate = torch.randn(hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.02
-    w_up = torch.randn(hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.02
-    w_down = torch.randn(inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
+    inter = shapes[0][2]
+    w_gate = torch.randn(hidden, inter, device=DEVICE, dtype=torch.bfloat16) * 0.02
+    w_up = torch.randn(hidden, inter, device=DEVICE, dtype=torch.bfloat16) * 0.02
+    w_down = torch.randn(inter, hidden, device=DEVICE, dtype=torch.bfloat16) * 0.02
     iters = 5 if quick else 20
     for shape in shapes:
         B, S, I = shape
-        x = torch.nn.functional.silu(torch.randn(*shape, device="cuda") * 2).to(torch.bfloat16)
+        x = torch.nn.functional.silu(torch.randn(*shape, device=DEVICE) * 2).to(torch.bfloat16)
         elementwise_out = torch.empty_like(x)
         elementwise = cuda_time_ms(lambda: torch.neg(x, out=elementwise_out), iters)
-        h = torch.randn(B * S, hidden, device="cuda", dtype=torch.bfloat16)
-        gate_out = torch.empty(B * S, inter, device="cuda", dtype=torch.bfloat16)
+        h = torch.randn(B * S, hidden, device=DEVICE, dtype=torch.bfloat16)
+        gate_out = torch.empty(B * S, inter, device=DEVICE, dtype=torch.bfloat16)
         up_out = torch.empty_like(gate_out)
-        down_out = torch.empty(B * S, hidden, device="cuda", dtype=torch.bfloat16)
+        down_out = torch.empty(B * S, hidden, device=DEVICE, dtype=torch.bfloat16)
 
         def mlp():
             torch.matmul(h, w_gate, out=gate_out)
@@ -422,16 +424,16 @@ def main() -> int:
     result = {"machine": machine(), "seed": args.seed, "library": args.lib}
     log(f"device {result['machine']['device']}, torch {torch.__version__}, seed {args.seed}")
 
+    bench_shapes = BENCH_SHAPES[:1] if args.quick else BENCH_SHAPES
     sections = [
         ("parity", lambda: parity(kernel, args.seed, args.quick)),
         ("binding", lambda: binding_check(args.seed + 2)),
         ("graph", lambda: graph_check(kernel)),
         ("parity_large", lambda: parity_large(
-            kernel, args.seed + 1, [(1, 2048, 14336)] if args.quick else [(1, 2048, 14336), (8, 2048, 14336)],
+            kernel, args.seed + 1, bench_shapes,
             [("qwen2.5 sequence", PRESETS["qwen2.5"]), ("llama-3.1 token", PRESETS["llama-3.1"].replace(scope="token")),
              ("gemma-3 tensor", PRESETS["gemma-3"].replace(scope="tensor"))])),
-        ("timing", lambda: timing(kernel, [(1, 2048, 14336)] if args.quick else [(1, 2048, 14336), (8, 2048, 14336)],
-                                  args.quick)),
+        ("timing", lambda: timing(kernel, bench_shapes, args.quick)),
     ]
     ok = True
     for name, run in sections:

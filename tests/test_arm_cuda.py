@@ -36,7 +36,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("scope", ["tensor", "sequence", "token"])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 37), (3, 40, 257), (70, 2, 64)])
 def test_cuda_matches_reference(cuda_kernel, dtype, scope, shape):
-    g = torch.Generator().manual_seed(hash((str(dtype), scope, shape)) % 2**31)
+    g = torch.Generator().manual_seed(1000 * shape[0] + 10 * shape[1] + shape[2] + len(scope))
     x = torch.nn.functional.silu(torch.randn(*shape, generator=g) * 2)
     x.view(-1)[:: max(1, x.numel() // 5)] = 0.0  # ties at zero
     x = x.to(dtype)
