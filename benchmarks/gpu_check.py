@@ -162,6 +162,16 @@ BENCH_SHAPES = [(1, 2048, 14336), (8, 2048, 14336)]  # Llama-3.1-8B MLP activati
 SMALL_SHAPES = [(1, 1, 1), (1, 7, 3), (2, 3, 37), (3, 5, 129), (2, 64, 300), (4, 33, 1000), (70, 3, 50)]
 
 
+def diagnose(x: torch.Tensor, got: torch.Tensor, want: torch.Tensor) -> str:
+    """Where a mismatch comes from: the selection (which elements change) or the values (Qp, Mneg, u)."""
+    differ = bits(got) != bits(want)
+    moved_got, moved_want = bits(got) != bits(x), bits(want) != bits(x)
+    i = tuple(differ.nonzero()[0].tolist())
+    return (f"{int(differ.sum())} differ; moved {int(moved_got.sum())} vs {int(moved_want.sum())} expected, "
+            f"{int((moved_got != moved_want).sum())} with a different moved/kept decision; first at {i}: "
+            f"x={x[i].item()!r} got={got[i].item()!r} want={want[i].item()!r}")
+
+
 def parity(kernel: CudaARM, seed: int, quick: bool) -> dict:
     g = torch.Generator().manual_seed(seed)
     failures, checked, moved = [], 0, 0
@@ -178,12 +188,9 @@ def parity(kernel: CudaARM, seed: int, quick: bool) -> dict:
                     got = kernel(x, mask, positions, config).cpu()
                     checked += 1
                     moved += int((bits(got) != bits(x.cpu())).sum())
-                    bad = (bits(got) != bits(want)).nonzero()
-                    if len(bad):
-                        i = tuple(bad[0].tolist())
-                        failures.append(f"{dtype} {scope} {list(shape)} {kind} {cname}: {len(bad)} differ, "
-                                        f"first at {i}: x={x.cpu()[i].item()!r} got={got[i].item()!r} "
-                                        f"want={want[i].item()!r}")
+                    if not torch.equal(bits(got), bits(want)):
+                        failures.append(f"{dtype} {scope} {list(shape)} {kind} {cname}: "
+                                        + diagnose(x.cpu(), got, want))
         log(f"parity {dtype}: {checked} cases so far, {len(failures)} failing")
     # Misaligned pointers (an offset view) and in-place output.
     for dtype in DTYPES:
@@ -240,7 +247,7 @@ def parity_large(kernel: CudaARM, seed: int, shapes, configs) -> dict:
             moved = int((bits(got) != bits(x)).sum())
             rows.append({"shape": list(shape), "config": name, "mismatches": bad, "moved": moved})
             if bad:
-                failures.append(f"bfloat16 {list(shape)} {name}: {bad} elements differ")
+                failures.append(f"bfloat16 {list(shape)} {name}: " + diagnose(x, got, want))
             log(f"parity {list(shape)} {name}: {bad} mismatches, {moved} moved")
             del x, want, got
             torch.cuda.empty_cache()
