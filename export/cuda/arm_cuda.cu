@@ -616,7 +616,7 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t t_key = n ? s.t_key : 0;
   const u64 need = partial ? s.need : 0;
   const float qp = s.qp, mneg = s.mneg;
-  u64 tie_base = partial ? chunk_offset[blockIdx.x] : 0;
+  u64 tie_base = partial && P.chunks > 1 ? chunk_offset[blockIdx.x] : 0;
   for (int64_t base = cr.begin; base < cr.end; base += (int64_t)kThreads * Tr::VEC) {
     Run<Tr> r;
     int64_t start = base + (int64_t)threadIdx.x * Tr::VEC;
@@ -799,8 +799,10 @@ int forward(const void* xv, void* yv, int64_t S, int64_t I, const void* mask, ar
     err = enqueue_radix<Tr>(x, P, plan, st, hist, at, stream);
   }
   if (err != cudaSuccess) return err;
-  k_tie_count<Tr><<<blocks, kThreads, 0, stream>>>(x, P, st, chunk_ties);
-  k_tie_scan<<<(unsigned)plan.G, kThreads, 0, stream>>>(st, chunk_ties, chunk_offset, plan.chunks);
+  if (plan.chunks > 1) {  // ties before this block's chunk; one chunk a group needs no offsets
+    k_tie_count<Tr><<<blocks, kThreads, 0, stream>>>(x, P, st, chunk_ties);
+    k_tie_scan<<<(unsigned)plan.G, kThreads, 0, stream>>>(st, chunk_ties, chunk_offset, plan.chunks);
+  }
   k_output<Tr><<<blocks, kThreads, 0, stream>>>(x, y, P, st, chunk_offset, at.seed);
   return cudaGetLastError();
 }
