@@ -200,6 +200,14 @@ struct PassDesc {
   int first;  // first pass of the statistics phase: also finds min x
 };
 
+// Queries with the same key and the same prefix share one histogram (v_lo and v_hi often do,
+// and in the first pass every query of a key does): slot q reads the histogram of source(q).
+__device__ __forceinline__ int hist_source(const PassDesc& pd, const uint32_t prefix[3], int q) {
+  for (int p = 0; p < q; ++p)
+    if (pd.kind[p] == pd.kind[q] && (pd.first || prefix[p] == prefix[q])) return p;
+  return q;
+}
+
 // Histogram of the current digit for up to three select queries over the block's chunk.
 template <class Tr>
 __global__ void __launch_bounds__(kThreads)
@@ -211,6 +219,9 @@ __global__ void __launch_bounds__(kThreads)
   if (!pd.first && s.N == 0) return;  // nothing to select in this group (uniform per block)
   for (int i = threadIdx.x; i < 3 * 256; i += kThreads) (&sh[0][0])[i] = 0;
   uint32_t prefix[3] = {s.prefix[0], s.prefix[1], s.prefix[2]};
+  bool counts[3];
+#pragma unroll
+  for (int q = 0; q < 3; ++q) counts[q] = q < pd.nslots && hist_source(pd, prefix, q) == q;
   float m = s.m;
   uint32_t min_key = 0xFFFFFFFFu;
   __syncthreads();
@@ -223,7 +234,7 @@ __global__ void __launch_bounds__(kThreads)
       if (!(r.valid >> k & 1u)) continue;
 #pragma unroll
       for (int q = 0; q < 3; ++q) {
-        if (q >= pd.nslots) break;
+        if (!counts[q]) continue;
         uint32_t key = query_key<Tr>(pd.kind[q], r.v[k], m);
         if (prefix_matches(key, prefix[q], pd.shift)) atomicAdd(&sh[q][(key >> pd.shift) & 255u], 1u);
       }
@@ -261,7 +272,7 @@ struct SelectDesc {
 // pass, and after the last digit turns the selected keys into the phase's statistics.
 template <class Tr>
 __global__ void __launch_bounds__(kThreads)
-    k_radix_select(GroupState* st, uint32_t* hist, int64_t G, SelectDesc sd, armq_attrs at) {
+    k_radix_select(GroupState* st, uint32_t* hist, int64_t G, PassDesc pd, SelectDesc sd, armq_attrs at) {
   int lane = threadIdx.x & 31;
   int64_t g = (int64_t)blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
   if (g >= G) return;
@@ -287,14 +298,17 @@ __global__ void __launch_bounds__(kThreads)
     if (s.N == 0) return;  // histograms stayed zero: the hist kernel skipped this group
     for (int q = 0; q < 3; ++q) rank[q] = s.rank_rem[q];
   }
+  uint32_t prefix[3];
+  for (int q = 0; q < 3; ++q) prefix[q] = sd.first ? 0u : s.prefix[q];
+  DigitPick picks[3];
+  for (int q = 0; q < sd.nslots; ++q) picks[q] = warp_pick_digit(h + hist_source(pd, prefix, q) * 256, rank[q], lane);
+  __syncwarp();
   for (int q = 0; q < sd.nslots; ++q) {
-    DigitPick pick = warp_pick_digit(h + q * 256, rank[q], lane);
-    __syncwarp();
     for (int j = 0; j < 8; ++j) h[q * 256 + lane * 8 + j] = 0;
-    if (lane == 0 && pick.ok) {
-      s.prefix[q] = (sd.first ? 0u : s.prefix[q]) | (pick.digit << sd.shift);
-      s.rank_rem[q] = pick.rank;
-      s.bucket[q] = pick.bucket;
+    if (lane == 0 && picks[q].ok) {
+      s.prefix[q] = prefix[q] | (picks[q].digit << sd.shift);
+      s.rank_rem[q] = picks[q].rank;
+      s.bucket[q] = picks[q].bucket;
     }
   }
   if (!sd.last || lane != 0) return;
@@ -749,7 +763,7 @@ cudaError_t enqueue_radix(const typename Tr::raw* x, const Problem& P, const Pla
   const int pool = at.percentile_abs ? KEY_ABS : KEY_SIGNED;
   auto pass = [&](PassDesc pd, SelectDesc sd) {
     k_radix_hist<Tr><<<blocks, kThreads, 0, stream>>>(x, P, st, hist, pd);
-    k_radix_select<Tr><<<select_blocks, kThreads, 0, stream>>>(st, hist, G, sd, at);
+    k_radix_select<Tr><<<select_blocks, kThreads, 0, stream>>>(st, hist, G, pd, sd, at);
   };
   for (int shift = Tr::KEY_BITS - 8; shift >= 0; shift -= 8) {  // m, v_lo, v_hi; min x
     int first = shift == Tr::KEY_BITS - 8;
