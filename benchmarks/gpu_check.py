@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
-import platform
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from published_arm import published_arm  # noqa: E402
+
+from armquant._io import write_json  # noqa: E402
+from armquant._provenance import provenance  # noqa: E402
 from armquant.arm import PRESETS, ARMConfig, arm_reference  # noqa: E402
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -290,25 +290,6 @@ def graph_check(kernel: CudaARM) -> dict:
 # --- timing ---------------------------------------------------------------------------------
 
 
-def published_arm(x: torch.Tensor, c=0.13, p1=99.5, k=1.0, pmin=0.02, pmax=0.25, kappa=1.4826) -> torch.Tensor:
-    """Port of the published implementation: whole-tensor torch statistics, torch.topk for the
-    selection and numpy.percentile on a host copy for Qp (one host round trip per call)."""
-    flat = x.flatten().float()
-    a = flat.abs()
-    median = a.median()
-    mad = (a - median).abs().median()
-    eps = kappa * mad * c
-    frac = ((a < eps).float().mean() * k).clamp(pmin, pmax)
-    n = max(1, int(round(frac.item() * a.numel())))
-    _, index = torch.topk(a, n, largest=False)
-    q_p = float(np.percentile(flat.cpu().numpy(), p1))
-    m_neg = flat.min().abs()
-    values = flat[index]
-    u = torch.rand(n, device=x.device)
-    flat[index] = torch.where(values >= 0, u * q_p, -u * m_neg)
-    return flat.view_as(x).to(x.dtype)
-
-
 def cuda_time_ms(fn, iters: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
@@ -373,14 +354,13 @@ def timing(kernel: CudaARM, shapes, quick: bool, hidden: int = 4096) -> list[dic
                          "elementwise_ms": elementwise, "mlp_matmuls_ms": matmuls})
             log(f"timing {list(shape)} {name}: eager {eager:.4f} ms, graph {graphed:.4f} ms")
             del y, args, keep
-        pub_config = PRESETS["qwen2.5"]
-        t = time.perf_counter()
+        # benchmarks/published_arm.py, with its Llama-3.1 settings (a host sync per call: wall time).
         reps = 1 if quick else 2
-        published_arm(x, c=pub_config.c, p1=pub_config.p1)
+        published_arm(x)
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(reps):
-            published_arm(x, c=pub_config.c, p1=pub_config.p1)
+            published_arm(x)
         torch.cuda.synchronize()
         published = (time.perf_counter() - t) * 1000 / reps
         log(f"timing {list(shape)} published port: {published:.1f} ms")
@@ -419,26 +399,10 @@ def kernel_breakdown(kernel: CudaARM, shapes) -> list[dict]:
 # --- main -----------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001 - no git on the machine is fine
-        rev = "unknown"
-    props = torch.cuda.get_device_properties(0)
-    return {"git_rev": rev, "command": " ".join(sys.argv), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_cuda": torch.version.cuda, "device": props.name,
-            "sm": f"{props.major}.{props.minor}", "host": platform.node(), "numpy": np.__version__}
-
-
-def write_json(result: dict, out_dir: str | None) -> None:
-    if not out_dir:
-        return
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out, suffix=".tmp", delete=False) as f:
-        json.dump(result, f, indent=2)
-    os.replace(f.name, out / "gpu_check.json")
-    log(f"wrote {out / 'gpu_check.json'}")
+def write_result(result: dict, out_dir: str | None) -> None:
+    if out_dir:
+        write_json(Path(out_dir) / "gpu_check.json", result)
+        log(f"wrote {Path(out_dir) / 'gpu_check.json'}")
 
 
 def main() -> int:
@@ -452,8 +416,8 @@ def main() -> int:
         print("ERROR: torch sees no CUDA device; this check needs a GPU", flush=True)
         return 2
     kernel = CudaARM(args.lib)
-    result = {"machine": machine(), "seed": args.seed, "library": args.lib}
-    log(f"device {result['machine']['device']}, torch {torch.__version__}, seed {args.seed}")
+    result = {"provenance": provenance(), "torch_cuda": torch.version.cuda, "seed": args.seed, "library": args.lib}
+    log(f"device {result['provenance']['gpu']}, torch {torch.__version__} (CUDA {torch.version.cuda}), seed {args.seed}")
 
     bench_shapes = BENCH_SHAPES[:1] if args.quick else BENCH_SHAPES
     sections = [
@@ -477,14 +441,14 @@ def main() -> int:
             log(f"{name} FAILED with {type(e).__name__}: {e}")
             ok = ok and not required
         torch.cuda.synchronize()
-        write_json(result, args.out)
+        write_result(result, args.out)
         if isinstance(result[name], dict) and result[name].get("failures"):
             ok = False
             for line in result[name]["failures"][:20]:
                 log(f"FAIL {line}")
 
     print()
-    print(f"ARM CUDA kernel check on {result['machine']['device']} (seed {args.seed}, rev {result['machine']['git_rev'][:10]})")
+    print(f"ARM CUDA kernel check on {result['provenance']['gpu']} (seed {args.seed}, rev {result['provenance']['git_revision'][:10]})")
     p = result.get("parity", {})
     if "cases" in p:
         print(f"parity vs arm_reference (CPU), direct ctypes calls: {p['cases']} cases, {len(p['failures'])} failing")
