@@ -213,7 +213,14 @@ def binding_check(seed: int) -> dict:
         from armquant.arm import arm
     except ImportError as e:
         return {"skipped": f"armquant._native is not in this checkout ({e})"}
-    if _native.kernel(DEVICE) is None:
+    if os.environ.get("ARMQUANT_GPU_CHECK_STANDALONE"):
+        return {"skipped": "the library was built with nvcc alone (CMake build unavailable or failed); "
+                           "armquant._native needs the full libarmquant_ort.so"}
+    try:
+        found = _native.kernel(DEVICE)
+    except (AttributeError, OSError) as e:  # a library without the full C ABI
+        return {"skipped": f"armquant._native could not load {_native.library_path()}: {e}"}
+    if found is None:
         return {"skipped": f"armquant._native found no CUDA kernel in {_native.library_path()}"}
     os.environ["ARMQUANT_ARM_BACKEND"] = "native"
     g = torch.Generator().manual_seed(seed)
