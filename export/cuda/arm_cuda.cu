@@ -59,8 +59,7 @@ template <class Tr>
 struct Run {
   alignas(16) typename Tr::raw v[Tr::VEC];
   int count;
-  unsigned valid;         // bit k: element k is valid (token kept by the mask, value finite)
-  int64_t token, channel;  // of the run's first element
+  unsigned valid;  // bit k: element k is valid (token kept by the mask, value finite)
 };
 
 // Loads only, so that a thread can put several loads in flight before using them.
@@ -81,9 +80,13 @@ template <class Tr>
 __device__ __forceinline__ void classify_run(const Problem& P, int64_t start, Run<Tr>& r) {
   r.valid = 0;
   if (r.count == 0) return;
+  if (P.mask_type == ARMQ_MASK_NONE) {  // no division for the token index
+#pragma unroll
+    for (int k = 0; k < Tr::VEC; ++k)
+      if (k < r.count && finite_f32(Tr::widen(r.v[k]))) r.valid |= 1u << k;
+    return;
+  }
   int64_t token = start / P.I, channel = start - token * P.I;
-  r.token = token;
-  r.channel = channel;
   bool keep = token_valid(P, token);
 #pragma unroll
   for (int k = 0; k < Tr::VEC; ++k) {
@@ -671,9 +674,10 @@ __global__ void __launch_bounds__(kThreads)
         if (take >> k & 1u) queue[warp][slot++] = (uint16_t)(lane * Tr::VEC + k);
       *reinterpret_cast<uint4*>(&staged[lane * Tr::VEC]) = *reinterpret_cast<const uint4*>(r.v);
       if (take) {
-        run_token[warp][lane] = r.token;
-        run_channel[warp][lane] = r.channel;
-        run_position[warp][lane] = P.positions ? P.positions[r.token] : r.token % P.S;
+        const int64_t token = start / P.I;
+        run_token[warp][lane] = token;
+        run_channel[warp][lane] = start - token * P.I;
+        run_position[warp][lane] = P.positions ? P.positions[token] : token % P.S;
       }
       __syncwarp();
       for (int i = lane; i < total; i += 32) {
