@@ -22,6 +22,7 @@ NVCC=$(command -v nvcc || true)
 [ -z "$NVCC" ] && [ -x /usr/local/cuda/bin/nvcc ] && NVCC=/usr/local/cuda/bin/nvcc
 [ -z "$NVCC" ] && fail "nvcc not found: install the CUDA toolkit or put its bin/ on PATH"
 say "nvcc: $("$NVCC" --version | tail -1)"
+export CUDACXX=${CUDACXX:-$NVCC}  # the CUDA compiler CMake picks
 PY=${PYTHON:-python3}
 "$PY" -c "import torch, sys; print('[gpu_check] torch', torch.__version__, 'cuda', torch.version.cuda); sys.exit(0 if torch.cuda.is_available() else 1)" \
   || fail "PyTorch cannot see a CUDA device (torch.cuda.is_available() is False)"
