@@ -449,6 +449,7 @@ __global__ void __launch_bounds__(kAnalyzeThreads)
   const int t = threadIdx.x, lane = t & 31;
   const int64_t g = blockIdx.x;
   const uint32_t* H = hist + g * kBins16;  // bin = raw bits; magnitudes b and b | 0x8000
+#pragma unroll 8  // several loads in flight: this block runs alone on its SM for small G
   for (int j = 0; j < kMagsPerThread; ++j) {
     int b = j * kAnalyzeThreads + t;
     W[padded(b)] = H[b] + H[b + kMags16];
