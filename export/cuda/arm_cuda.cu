@@ -24,7 +24,8 @@ namespace {
 constexpr int kThreads = 256;               // streaming kernels
 constexpr int64_t kChunk = 32768;           // elements per block in streaming kernels
 constexpr int kHist16Threads = 1024;
-constexpr int64_t kHist16Chunk = 32768;     // < 65536: the 16-bit shared counters cannot overflow
+constexpr int64_t kHist16Chunk = 57344;     // 7 tiles of 8192; < 65536: 16-bit counters cannot overflow
+static_assert(kHist16Chunk < 65536, "a hist16 block counts at most 65535 elements a bin");
 constexpr int kAnalyzeThreads = 1024;
 constexpr int kBins16 = 65536, kMags16 = 32768;
 constexpr int kMagsPerThread = kMags16 / kAnalyzeThreads;  // 32
@@ -375,24 +376,32 @@ __global__ void k_moved_count(GroupState* st, int64_t G, armq_attrs at) {
 template <class Tr>
 __global__ void __launch_bounds__(kHist16Threads)
     k_hist16(const typename Tr::raw* x, Problem P, uint32_t* hist) {
-  constexpr int kTiles = (int)(kHist16Chunk / (kHist16Threads * Tr::VEC));
+  constexpr int kTiles = (int)(kHist16Chunk / (kHist16Threads * Tr::VEC)), kBatch = 4;
+  static_assert(kHist16Chunk % (kHist16Threads * Tr::VEC) == 0, "whole tiles a chunk");
   extern __shared__ uint4 smem16[];
   uint32_t* sh = reinterpret_cast<uint32_t*>(smem16);
   ChunkRange cr = chunk_range(P);
-  Run<Tr> runs[kTiles];
+  for (int i0 = 0; i0 < kTiles; i0 += kBatch) {  // kBatch loads in flight per thread
+    Run<Tr> runs[kBatch];
 #pragma unroll
-  for (int i = 0; i < kTiles; ++i)
-    fetch_run<Tr>(x, P, cr.begin + ((int64_t)i * kHist16Threads + threadIdx.x) * Tr::VEC, cr.end, runs[i]);
-  for (int i = threadIdx.x; i < kMags16 / 4; i += kHist16Threads) smem16[i] = make_uint4(0, 0, 0, 0);
-  __syncthreads();
+    for (int i = 0; i < kBatch; ++i)
+      if (i0 + i < kTiles)
+        fetch_run<Tr>(x, P, cr.begin + ((int64_t)(i0 + i) * kHist16Threads + threadIdx.x) * Tr::VEC, cr.end,
+                      runs[i]);
+    if (i0 == 0) {  // zero the counters while the first loads are in flight
+      for (int i = threadIdx.x; i < kMags16 / 4; i += kHist16Threads) smem16[i] = make_uint4(0, 0, 0, 0);
+      __syncthreads();
+    }
 #pragma unroll
-  for (int i = 0; i < kTiles; ++i) {
-    classify_run<Tr>(P, cr.begin + ((int64_t)i * kHist16Threads + threadIdx.x) * Tr::VEC, runs[i]);
+    for (int i = 0; i < kBatch; ++i) {
+      if (i0 + i >= kTiles) break;
+      classify_run<Tr>(P, cr.begin + ((int64_t)(i0 + i) * kHist16Threads + threadIdx.x) * Tr::VEC, runs[i]);
 #pragma unroll
-    for (int k = 0; k < Tr::VEC; ++k) {
-      if (!(runs[i].valid >> k & 1u)) continue;
-      uint32_t b = runs[i].v[k];
-      atomicAdd(&sh[b >> 1], 1u << ((b & 1u) * 16));
+      for (int k = 0; k < Tr::VEC; ++k) {
+        if (!(runs[i].valid >> k & 1u)) continue;
+        uint32_t b = runs[i].v[k];
+        atomicAdd(&sh[b >> 1], 1u << ((b & 1u) * 16));
+      }
     }
   }
   __syncthreads();
