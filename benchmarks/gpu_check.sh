@@ -41,6 +41,11 @@ build() {
     local ort_dir=${ARMQ_ORT_INCLUDE_DIR:-} ort_args=()
     [ -z "$ort_dir" ] && [ -f build/ort-headers/onnxruntime_c_api.h ] && ort_dir=$PWD/build/ort-headers
     [ -n "$ort_dir" ] && ort_args=("-DARMQ_ORT_INCLUDE_DIR=$ort_dir") && say "ONNX Runtime headers: $ort_dir"
+    # A build folder carried from another checkout: its CMake cache names another source folder.
+    if [ -f "$BUILD/cmake/CMakeCache.txt" ] \
+       && ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$PWD/export" "$BUILD/cmake/CMakeCache.txt"; then
+      rm -rf "$BUILD/cmake"
+    fi
     say "building with CMake (export/CMakeLists.txt) into $BUILD/cmake"
     if timeout 300 cmake -S export -B "$BUILD/cmake" -DCMAKE_BUILD_TYPE=Release -DARMQ_CUDA=ON \
          ${ort_args[@]+"${ort_args[@]}"} >"$BUILD/cmake.log" 2>&1 \
