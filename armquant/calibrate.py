@@ -852,7 +852,6 @@ def _write_outputs(report: CalibrationReport, out: Path, figures: bool = True, a
         staged.append(report.save(stage / REPORT_FILE))
         written = []
         for path in staged:
-            os.chmod(path, 0o644)
             os.replace(path, out / path.name)
             written.append(out / path.name)
         return written
