@@ -9,6 +9,7 @@ import importlib
 from armquant.arm import ARM, ARMConfig, PRESETS, arm, arm_reference
 
 # Functions named like their modules are bound eagerly, so the function wins over the submodule.
+from armquant.calibrate import calibrate
 from armquant.evaluate import evaluate, perplexity
 
 __version__ = "0.1.0"
@@ -22,9 +23,10 @@ _LAZY = {
     "export": "armquant.onnx",
     "Engine": "armquant.generate",
     "SamplingParams": "armquant.generate",
+    "ort_library_path": "armquant._native",  # the ONNX Runtime custom-op library (op ARM)
 }
 
-__all__ = ["ARM", "ARMConfig", "PRESETS", "arm", "arm_reference", "evaluate", "perplexity", *_LAZY]
+__all__ = ["ARM", "ARMConfig", "PRESETS", "arm", "arm_reference", "calibrate", "evaluate", "perplexity", *_LAZY]
 
 
 def __getattr__(name):

@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = [
     "armquant.models",  # convert, info
     "armquant.evaluate",  # eval
+    "armquant.calibrate",  # calibrate
     "armquant.generate",  # generate
     "armquant.serve",  # serve
     "armquant.onnx",  # export, ort-quantize, parity

@@ -20,12 +20,9 @@ MODEL_FILE = "model.onnx"
 
 def custom_op_library() -> Optional[str]:
     """Path of the ARM custom-op library for ONNX Runtime, or None when it is not built."""
-    try:
-        from armquant import _native
-    except ImportError:
-        return None
-    library_path = getattr(_native, "ort_library_path", None)
-    path = library_path() if library_path is not None else None
+    from armquant import _native
+
+    path = _native.library_path()
     return str(path) if path else None
 
 
