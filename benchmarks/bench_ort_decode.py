@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from armquant import onnx as aox
+from armquant import runtime
 from armquant._io import write_json
 from armquant._provenance import format_provenance, provenance
 from armquant.models import ARMModelConfig
@@ -76,7 +77,7 @@ def arm_node_seconds(shape, config, library: str, threads: int, repeats: int) ->
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", MIN_OPSET), helper.make_opsetid("armquant", 1)],
                               functions=[arm_function(MIN_OPSET)])
     model.ir_version = 10
-    session = ort.InferenceSession(model.SerializeToString(), sess_options=aox.session_options(library, threads),
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=runtime.session_options(library, threads),
                                    providers=["CPUExecutionProvider"])
     b, s, _ = shape
     feed = {"X": np.random.default_rng(1).standard_normal(shape, dtype=np.float32),
@@ -98,14 +99,14 @@ def main():
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--library", default=aox.LIBRARY_AUTO, help="ARM custom-op library: auto (the built one) or a path")
+    parser.add_argument("--library", default=runtime.LIBRARY_AUTO, help="ARM custom-op library: auto (the built one) or a path")
     parser.add_argument("--json", default="benchmarks/results/ort_decode.json")
     args = parser.parse_args()
 
     dirs = prepare(args.model, Path(args.work))
-    library = aox.library_path(args.library)
-    arm_library = library or aox.LIBRARY_NONE
-    decoders = {name: aox.DecoderSession(aox.session(dirs[name], library=arm_library, threads=args.threads))
+    library = runtime.custom_op_library(args.library)
+    arm_library = library or runtime.LIBRARY_NONE
+    decoders = {name: aox.DecoderSession(runtime.session(dirs[name], library=arm_library, threads=args.threads))
                 for name, _, _ in VARIANTS}
     best = {name: float("inf") for name in decoders}
     for _ in range(args.repeats):  # interleaved, so load changes on the machine hit every variant alike
@@ -121,7 +122,7 @@ def main():
     intermediate = json.loads((dirs["fp32"] / "config.json").read_text())["intermediate_size"]
     arm_rows = []
     for shape in [(1, 1, intermediate), (1, args.prompt, intermediate), (1, 2048, intermediate)]:
-        function_s = arm_node_seconds(shape, config, aox.LIBRARY_NONE, args.threads, args.repeats * 5)
+        function_s = arm_node_seconds(shape, config, runtime.LIBRARY_NONE, args.threads, args.repeats * 5)
         library_s = arm_node_seconds(shape, config, library, args.threads, args.repeats * 5) if library else None
         arm_rows.append({"shape": list(shape), "function_s": function_s, "library_s": library_s,
                          "library_speedup": function_s / library_s if library_s else None})

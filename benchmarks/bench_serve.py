@@ -78,7 +78,7 @@ def run_anchor(model_dir: Path, prompts: list[str], max_tokens: int, threads: in
     from armquant.runtime import session_options
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = ORTModelForCausalLM.from_pretrained(model_dir, use_cache=True, session_options=session_options(threads))
+    model = ORTModelForCausalLM.from_pretrained(model_dir, use_cache=True, session_options=session_options(threads=threads))
     latencies, outputs, tokens = [], [], 0
     start = time.perf_counter()
     for prompt in prompts:

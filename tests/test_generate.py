@@ -55,9 +55,11 @@ def test_session_names_the_missing_model(tmp_path):
 
 def test_greedy_matches_transformers(engine, model_dir):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir) + "-torch").eval()
+    from armquant.models import arm_sites, load
+
+    model, _ = load(str(model_dir) + "-torch")  # with ARM, as exported
+    assert arm_sites(model)
     for prompt in PROMPTS:
         ids = engine.tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():

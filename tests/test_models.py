@@ -8,7 +8,7 @@ import torch
 
 from armquant.arm import ARMConfig, PRESETS
 from armquant.models import (
-    BUNDLED, FAMILIES, ARMActivation, ARMModelConfig, apply_arm, arm_enabled, arm_sites, load, remove_arm, resolve_gguf,
+    FAMILIES, ARMActivation, ARMModelConfig, apply_arm, arm_enabled, arm_sites, load, remove_arm, resolve_gguf,
     save, set_arm_seed,
 )
 from conftest import tiny_model

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,6 +15,7 @@ import torch
 from conftest import bundled_available, tiny_model
 
 from armquant import onnx as aox
+from armquant import runtime
 from armquant.models import FAMILIES, ARMModelConfig, apply_arm, arm_enabled, set_arm_seed
 
 TOLERANCE = 1e-4  # relative, float32
@@ -35,7 +35,7 @@ def exported(tmp_path_factory):
 
 
 def has_library() -> bool:
-    return aox.library_path(aox.LIBRARY_AUTO) is not None
+    return runtime.custom_op_library(runtime.LIBRARY_AUTO) is not None
 
 
 def test_export_writes_one_arm_node_per_site_and_the_function(exported):
@@ -151,7 +151,7 @@ def test_optimum_loads_and_generates_like_pytorch(exported):
     from optimum.onnxruntime import ORTModelForCausalLM
 
     model, out = exported
-    ort_model = ORTModelForCausalLM.from_pretrained(out, session_options=aox.session_options("none"),
+    ort_model = ORTModelForCausalLM.from_pretrained(out, session_options=runtime.session_options("none"),
                                                     provider="CPUExecutionProvider")
     assert ort_model.use_cache
     ids = torch.tensor([[1, 2, 3, 4, 5], [0, 0, 7, 8, 9]])
@@ -223,12 +223,12 @@ def test_failed_export_leaves_nothing_behind(exported, tmp_path, monkeypatch):
 def test_missing_library_path_is_a_clear_error(exported, tmp_path):
     _, out = exported
     with pytest.raises(FileNotFoundError, match="no ARM custom-op library at .*library='none'"):
-        aox.session(out, library=str(tmp_path / "libarmquant_ort.so"))
+        runtime.session(out, library=str(tmp_path / "libarmquant_ort.so"))
 
 
 def test_session_on_a_folder_without_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="armquant export"):
-        aox.session(tmp_path)
+        runtime.session(tmp_path)
 
 
 def test_cli_export_refuses_existing_directory_before_loading(tmp_path):
@@ -263,3 +263,20 @@ def test_bundled_model_parity_and_perplexity(tmp_path, corpus_dir):
     torch_ppl = perplexity(model, windows, progress=False)["perplexity"]
     ort_ppl = perplexity(aox.ort_logits_fn(out), windows, progress=False)["perplexity"]
     assert ort_ppl == pytest.approx(torch_ppl, rel=1e-3)
+
+
+def test_eval_cli_ort_backend_matches_torch_backend(tmp_path):
+    from armquant.cli import main
+    from tiny_onnx import SENTENCES, tiny_model_dir
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(SENTENCES * 30))
+    common = ["--data", str(text), "--window", "16", "--max-windows", "3", "--seeds", "0", "1"]
+    export_dir = tiny_model_dir()
+    assert main(["eval", str(export_dir), "--backend", "ort", *common, "--json", str(tmp_path / "ort.json")]) == 0
+    assert main(["eval", f"{export_dir}-torch", *common, "--json", str(tmp_path / "torch.json")]) == 0
+    ort_report, torch_report = (json.loads((tmp_path / f"{b}.json").read_text()) for b in ("ort", "torch"))
+    assert ort_report["arm"] == {str(k): v for k, v in torch_report["arm"].items()} != {}
+    for ort_row, torch_row in zip(ort_report["rows"], torch_report["rows"], strict=True):
+        assert (ort_row["arm"], ort_row["seed"]) == (torch_row["arm"], torch_row["seed"])
+        assert ort_row["perplexity"] == pytest.approx(torch_row["perplexity"], rel=1e-3)

@@ -122,21 +122,21 @@ def executed_ops(model: onnx.ModelProto, options: ort.SessionOptions, feed: dict
 
 def test_registered_kernel_takes_over_the_function(tmp_path):
     """A node with both a model-local function and a registered kernel runs the kernel."""
-    from armquant import onnx as aox
+    from armquant import runtime
 
-    library = aox.library_path(aox.LIBRARY_AUTO)
+    library = runtime.custom_op_library(runtime.LIBRARY_AUTO)
     if library is None:
         pytest.skip("the ARM custom-op library is not built")
     config = PRESETS["llama-3.1"]
     x, mask, positions = awkward_input(3, shape=(3, 16, 256))
     feed = {"X": x.numpy(), "mask": mask.numpy(), "positions": positions.numpy()}
     model = single_node_model(config)
-    options = aox.session_options(aox.LIBRARY_AUTO)
+    options = runtime.session_options(runtime.LIBRARY_AUTO)
     options.profile_file_prefix = str(tmp_path / "with-library")
     assert executed_ops(model, options, feed) == {"ARM"}
-    options = aox.session_options(aox.LIBRARY_NONE)
+    options = runtime.session_options(runtime.LIBRARY_NONE)
     options.profile_file_prefix = str(tmp_path / "function")
     assert "ARM" not in executed_ops(model, options, feed)
-    with_library = ort.InferenceSession(model.SerializeToString(), aox.session_options(aox.LIBRARY_AUTO),
+    with_library = ort.InferenceSession(model.SerializeToString(), runtime.session_options(runtime.LIBRARY_AUTO),
                                         providers=["CPUExecutionProvider"]).run(None, feed)[0]
     assert_bitwise_equal(with_library, arm_reference(x, mask, positions, config))

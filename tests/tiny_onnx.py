@@ -45,10 +45,13 @@ def build_tokenizer():
 
 
 def build_model_dir(out: Path, seed: int = 0) -> Path:
-    """Save a seeded tiny LlamaForCausalLM + tokenizer and export it with optimum to `out`."""
+    """A seeded tiny Llama with ARM on layer 0 + tokenizer, saved to `out`-torch and exported by
+    `armquant.export` to `out` (so the graph carries an armquant::ARM node)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-    from optimum.exporters.onnx import main_export
+
+    from armquant.models import ARMModelConfig, apply_arm, save
+    from armquant.onnx import export
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
@@ -58,12 +61,10 @@ def build_model_dir(out: Path, seed: int = 0) -> Path:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(config).eval()
-    src = out.parent / (out.name + "-torch")
-    model.save_pretrained(src)
-    GenerationConfig(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id).save_pretrained(src)
-    tokenizer.save_pretrained(src)
-    main_export(str(src), output=str(out), task="text-generation-with-past", no_post_process=True)
+    model = apply_arm(LlamaForCausalLM(config).eval(), ARMModelConfig.preset("llama-3.1"))
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    save(model, tokenizer, out.parent / (out.name + "-torch"))
+    export(model, out, tokenizer=tokenizer)
     return out
 
 
