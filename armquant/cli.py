@@ -14,6 +14,8 @@ import sys
 COMMAND_MODULES = [
     "armquant.models",  # convert, info
     "armquant.evaluate",  # eval
+    "armquant.quantize",  # quantize
+    "armquant.compare",  # compare
 ]
 
 
