@@ -396,9 +396,18 @@ class Int8DynamicLinear(QuantizedLinear):
         else:
             xs = self.input_scale
         xq = torch.round(x2 / xs).clamp(-127, 127).to(torch.int8)
-        y = torch._int_mm(xq, self.weight.t()).float() * xs * self.scale  # int32 [M, N] -> float
+        y = _int8_matmul(xq, self.weight).float() * xs * self.scale  # int32 [M, N] -> float
         y = y.reshape(*x.shape[:-1], -1)
         return (y if self.bias is None else y + self.bias).to(x.dtype)
+
+
+def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 a [M, K] @ int8 b [N, K].T -> int32 [M, N] through torch._int_mm. CUDA's kernel
+    wants more than 16 rows: shorter inputs (decoding) are padded with zero rows."""
+    m = a.shape[0]
+    if a.is_cuda and m <= 16:
+        a = torch.cat([a, a.new_zeros(17 - m, a.shape[1])])
+    return torch._int_mm(a, b.t())[:m]
 
 
 class BnB4bitLinear(QuantizedLinear):

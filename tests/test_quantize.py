@@ -312,3 +312,33 @@ def test_failed_or_refused_save_leaves_nothing_half_written(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["q"] and sorted(os.listdir(tmp_path / "q")) == before
     with pytest.raises(ValueError, match="not quantized"):
         save_quantized(arm_model(), None, tmp_path / "f")
+
+
+def test_command_line_scheme_options():
+    from armquant.cli import build_parser
+    from armquant.quantize import _scheme_from_args
+
+    parse = lambda *a: build_parser().parse_args(["quantize", "m", "out", *a])  # noqa: E731
+    assert _scheme_from_args(parse("--scheme", "w4a16-g128-rtn", "--group-size", "64", "--symmetric")) == W4A16(64, True)
+    assert _scheme_from_args(parse("--scheme", "w4a16-g128-gptq", "--act-order")) == W4A16(method="gptq", act_order=True)
+    assert _scheme_from_args(parse("--scheme", "w8a8", "--smoothquant-alpha", "0.8")) == W8A8(smoothquant_alpha=0.8)
+    with pytest.raises(ValueError, match="scheme w8a16 takes no --group-size"):
+        _scheme_from_args(parse("--scheme", "w8a16", "--group-size", "64"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rows", [1, 16, 17, 300])
+def test_quantized_modules_on_cuda_match_cpu(rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 1536)
+    x = torch.randn(rows, 576)
+    for module in (
+        Int8WeightLinear.from_linear(linear, W8A16()),
+        Int4WeightLinear.from_linear(linear, W4A16(group_size=64)),
+        Int8DynamicLinear.from_linear(linear, W8A8()),
+    ):
+        cpu = module(x)
+        gpu = module.to("cuda")(x.cuda()).cpu()
+        torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-3, msg=type(module).__name__)
+        assert sqnr_db(linear(x).detach(), gpu) > 15
