@@ -47,6 +47,9 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
         raise FileExistsError(f"{path} already exists; choose another output directory or pass overwrite=True (--overwrite)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like mkdir's
     try:
         yield tmp
         if path.exists():

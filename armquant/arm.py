@@ -114,10 +114,13 @@ def _mulhilo32(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (high_part >> 16) + (s >> 32), s & _MASK32
 
 
-def philox4x32_10(counter: tuple, key: tuple) -> tuple[torch.Tensor, ...]:
-    """Philox4x32-10 (Random123 / cuRAND). Words are int64 tensors (or ints) holding uint32."""
-    c0, c1, c2, c3 = (torch.as_tensor(w, dtype=torch.int64) for w in counter)
-    k0, k1 = (torch.as_tensor(w, dtype=torch.int64) for w in key)
+def philox4x32_10(counter: tuple, key: tuple) -> tuple:
+    """Philox4x32-10 (Random123 / cuRAND). Words are int64 tensors or Python ints holding uint32.
+
+    Constant words stay Python ints: no host-to-device copies, so CUDA graph capture works.
+    """
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
     for round_ in range(10):
         if round_:
             k0 = (k0 + _PHILOX_W[0]) & _MASK32
@@ -193,7 +196,7 @@ def arm_reference(
     xg = xf.reshape(groups, -1)  # [G, L], flat index order kept
     vg = valid.reshape(groups, -1)
     L = xg.shape[1]
-    inf = torch.tensor(float("inf"), device=device)
+    inf = float("inf")
 
     n_valid = vg.sum(dim=1)  # N: [G] int64
     rank = (n_valid - 1).div(2, rounding_mode="floor")  # r = floor((N - 1) / 2)
@@ -203,9 +206,8 @@ def arm_reference(
     median = a_sorted.gather(1, rank.clamp(min=0)[:, None])  # [G, 1]
     deviation = torch.where(vg, (a - median).abs(), inf)
     mad = _order_statistic(deviation, rank)
-    kappa = torch.tensor(_f32(config.kappa), dtype=torch.float32, device=device)
-    c32 = torch.tensor(_f32(config.c), dtype=torch.float32, device=device)
-    eps = (kappa * mad) * c32  # each product rounded to float32
+    # Python-float operands of a float32 tensor op are applied as float32; these are exact float32 values.
+    eps = (mad * _f32(config.kappa)) * _f32(config.c)  # each product rounded to float32
 
     n64 = n_valid.to(torch.float64)
     if config.share == "mad":

@@ -303,15 +303,13 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     """Load a GGUF checkpoint (dequantized) as an ordinary model that save_pretrained accepts."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer.vocab_file = None  # else save_pretrained copies the whole GGUF as tokenizer.model
     # save_pretrained refuses GGUF-loaded models: rebuild from the config and the state dict.
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "_name_or_path"})
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
-    model.load_state_dict(loaded.state_dict(), assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
     return model.to(dtype).eval(), tokenizer
 
 
@@ -365,7 +363,7 @@ def load(source: str | os.PathLike, arm=None, layers=None, dtype: torch.dtype = 
             from armquant import quantize  # quantized checkpoints carry their own loader
 
             return quantize.load_quantized(path, arm=arm, layers=layers, device=device)
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         if (path / ARM_CONFIG_FILE).is_file():
             saved = ARMModelConfig.from_dict(json.loads((path / ARM_CONFIG_FILE).read_text()))

