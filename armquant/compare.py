@@ -50,8 +50,10 @@ def compare(
     calib_windows: Optional[torch.Tensor],
     seeds=(0, 1, 2),
     progress: bool = True,
+    on_row: Optional[Callable[[dict], None]] = None,
 ) -> dict:
-    """Run each named scheme ("fp32" for none) on a fresh model from `load_model()`."""
+    """Run each named scheme ("fp32" for none) on a fresh model from `load_model()`;
+    `on_row(result so far)` is called after each scheme (the CLI writes partial results)."""
     from armquant.evaluate import evaluate
     from armquant.quantize import checkpoint_bytes, quantize, scheme_from_name
 
@@ -79,6 +81,12 @@ def compare(
         })
         log.info("%s: ARM off %.4f, ARM on %s", name, s["arm_off"], s.get("arm_on_mean"))
         del model
+        if on_row is not None:
+            on_row(_summarize(rows, eval_windows, calib_windows, seeds))
+    return _summarize(rows, eval_windows, calib_windows, seeds)
+
+
+def _summarize(rows, eval_windows, calib_windows, seeds) -> dict:
     base = next((r for r in rows if r["scheme"] == "fp32"), None)
     for r in rows:
         if base is not None:
@@ -170,14 +178,19 @@ def _cmd_compare(args) -> int:
     _, tokenizer = load_from_args(args)
     eval_windows = token_windows(tokenizer, load_texts(args.data), args.window, args.max_windows)
     calib_windows = token_windows(tokenizer, load_texts(args.calib_data), args.calib_length, args.calib_windows)
-    result = compare(lambda: load_from_args(args)[0], args.schemes, eval_windows, calib_windows, tuple(args.seeds))
-    result["environment"] = environment()
-    result["data"] = {"eval": args.data, "calibration": args.calib_data}
     out = Path(args.out)
+    env = environment()
+
+    def write(result):  # after every scheme, so a long run that stops still leaves its rows
+        result["environment"] = env
+        result["data"] = {"eval": args.data, "calibration": args.calib_data}
+        write_json(out.with_suffix(".json"), result)
+        write_text(out.with_suffix(".md"), format_markdown(result))
+        plot(result, out.with_suffix(".png"))
+
+    result = compare(lambda: load_from_args(args)[0], args.schemes, eval_windows, calib_windows, tuple(args.seeds), on_row=write)
+    write(result)
     table = format_markdown(result)
-    write_json(out.with_suffix(".json"), result)
-    write_text(out.with_suffix(".md"), table)
-    plot(result, out.with_suffix(".png"))
     print(table)
     print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
     return 0

@@ -248,10 +248,24 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
 
 
+def padded_width(in_features: int, group_size: int) -> int:
+    """in_features rounded up to whole groups. A width that groups do not divide (SmolLM2's 576
+    with groups of 128) is padded with zero columns: the last group is partial, and since every
+    grid holds 0 exactly, the padding changes neither that group's scale nor any result."""
+    return -(-in_features // group_size) * group_size
+
+
+def pad_columns(w: torch.Tensor, width: int) -> torch.Tensor:
+    return w if w.shape[-1] == width else F.pad(w, (0, width - w.shape[-1]))
+
+
 def int4_groupwise(weight: torch.Tensor, group_size: int, symmetric: bool):
-    """Round-to-nearest INT4: weight [N, K] -> (codes uint8 [N, K], scale [N, G], zero [N, G])."""
-    n, k = weight.shape
-    w = weight.detach().float().reshape(n * (k // group_size), group_size)
+    """Round-to-nearest INT4: weight [N, K] -> (codes uint8 [N, Kp], scale [N, G], zero [N, G]),
+    with Kp = padded_width(K, group_size) = G * group_size."""
+    n = weight.shape[0]
+    w = pad_columns(weight.detach().float(), padded_width(weight.shape[1], group_size))
+    k = w.shape[1]
+    w = w.reshape(n * (k // group_size), group_size)
     scale, zero = group_qparams(w, 4, symmetric)
     codes = quantize_codes(w, scale.unsqueeze(1), zero.unsqueeze(1), 4)
     return codes.to(torch.uint8).reshape(n, k), scale.reshape(n, -1), zero.reshape(n, -1)
@@ -271,13 +285,13 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """packed [N, K/2], scale/zero [N, G] -> weight [N, K]."""
+def dequantize_int4(packed, scale, zero, dtype=torch.float32, in_features: Optional[int] = None) -> torch.Tensor:
+    """packed [N, Kp/2], scale/zero [N, G] -> weight [N, in_features] (padding columns dropped)."""
     codes = unpack_int4(packed)
     n, k = codes.shape
     g = k // scale.shape[1]
     w = (codes.reshape(n, -1, g).to(dtype) - zero.to(dtype).unsqueeze(2)) * scale.to(dtype).unsqueeze(2)
-    return w.reshape(n, k)
+    return w.reshape(n, k)[:, : in_features or k]
 
 
 # --- Quantized modules: plain buffers, one-line forward ----------------------------------------
@@ -333,16 +347,17 @@ class Int8WeightLinear(QuantizedLinear):
 
 
 class Int4WeightLinear(QuantizedLinear):
-    """W4A16: codes packed two per byte [N, K/2], float16 scale and uint8 zero per group [N, K/g];
-    the weight is dequantized on the fly for each call."""
+    """W4A16: codes packed two per byte [N, Kp/2], float16 scale and uint8 zero per group [N, Kp/g]
+    (Kp: in_features padded to whole groups); the weight is dequantized on the fly for each call."""
 
     kind = "int4_weight"
 
     def __init__(self, in_features, out_features, bias, group_size: int):
         super().__init__(in_features, out_features, bias)
         self.group_size = group_size
-        groups = in_features // group_size
-        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        width = padded_width(in_features, group_size)
+        groups = width // group_size
+        self.register_buffer("qweight", torch.empty(out_features, width // 2, dtype=torch.uint8))
         self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.float16))
         self.register_buffer("zero", torch.empty(out_features, groups, dtype=torch.uint8))
 
@@ -359,7 +374,7 @@ class Int4WeightLinear(QuantizedLinear):
         return cls.from_codes(linear, codes, scale, zero, scheme.group_size)
 
     def dequantized_weight(self, dtype=torch.float32):
-        return dequantize_int4(self.qweight, self.scale, self.zero, dtype)
+        return dequantize_int4(self.qweight, self.scale, self.zero, dtype, self.in_features)
 
     def forward(self, x):
         return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -739,8 +754,11 @@ def _gptq_model(model, scheme: W4A16, windows: torch.Tensor, progress: bool) -> 
             with forward_hooks(linears, accumulate):
                 run_layer(layer, i)
             for name, linear in linears.items():
-                codes, scale, zero = gptq(
-                    linear.weight, hessians[name][0], scheme.group_size, scheme.symmetric, scheme.act_order, scheme.damp
+                width = padded_width(linear.in_features, scheme.group_size)
+                hessian = F.pad(hessians[name][0], (0, width - linear.in_features, 0, width - linear.in_features))
+                codes, scale, zero = gptq(  # padding columns: zero weight, zero Hessian, so they stay 0
+                    pad_columns(linear.weight, width), hessian, scheme.group_size, scheme.symmetric,
+                    scheme.act_order, scheme.damp,
                 )
                 _set_module(layer, name, Int4WeightLinear.from_codes(linear, codes, scale, zero, scheme.group_size))
             del hessians
@@ -762,12 +780,10 @@ def _check_quantizable(model: nn.Module, scheme) -> None:
             "load the floating-point checkpoint and quantize that instead"
         )
     if isinstance(scheme, W4A16):
-        for name, linear in target_linears(model).items():
-            if linear.in_features % scheme.group_size:
-                raise ValueError(
-                    f"group_size={scheme.group_size} must divide in_features={linear.in_features} of {name}; "
-                    "choose a group size that divides every layer's input width (no padding is done)"
-                )
+        padded = sorted({m.in_features for m in target_linears(model).values() if m.in_features % scheme.group_size})
+        if padded:
+            log.info("group_size=%d does not divide in_features %s: those layers are padded with zero columns "
+                     "to whole groups (the last group of each row is partial)", scheme.group_size, padded)
 
 
 def quantize(model: nn.Module, scheme, data: Optional[torch.Tensor] = None, progress: bool = False) -> nn.Module:
@@ -806,7 +822,7 @@ def fake_quantize(model: nn.Module, scheme) -> nn.Module:
                 w = codes.float() * scale.unsqueeze(1)
             else:
                 codes, scale, zero = int4_groupwise(linear.weight, scheme.group_size, scheme.symmetric)
-                w = dequantize_int4(pack_int4(codes), scale, zero)
+                w = dequantize_int4(pack_int4(codes), scale, zero, in_features=linear.in_features)
             linear.weight.copy_(w.to(linear.weight.dtype))
     return model
 

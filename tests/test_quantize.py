@@ -251,9 +251,31 @@ def test_invalid_configs():
     assert scheme_from_dict(W4A16(64, True, "gptq", True).to_dict()) == W4A16(64, True, "gptq", True)
 
 
-def test_group_size_that_does_not_divide_the_layer():
-    with pytest.raises(ValueError, match=r"group_size=48 must divide in_features=64 of model\.layers\.0\.self_attn\.q_proj"):
-        quantize(arm_model(), W4A16(group_size=48))
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_group_size_that_does_not_divide_the_layer_is_padded(tmp_path, method):
+    # Documented choice: pad with zero columns (SmolLM2's width 576 with groups of 128 needs it).
+    model = arm_model()
+    with torch.no_grad():
+        ref = model(TOKENS).logits
+    quantize(model, W4A16(group_size=48, method=method), CALIB)  # widths 64 and 128 -> 96 and 144
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.qweight.shape == (64, 48) and q_proj.scale.shape == (64, 2)
+    assert q_proj.dequantized_weight().shape == (64, 64)
+    with torch.no_grad():
+        assert sqnr_db(ref, model(TOKENS).logits) > 12
+        path = save_quantized(model, None, tmp_path / "q")
+        assert torch.equal(M.load(path)[0](TOKENS).logits, model(TOKENS).logits)
+
+
+def test_padding_does_not_change_the_partial_group():
+    w = torch.randn(8, 72)
+    codes, scale, zero = int4_groupwise(w, 32, symmetric=False)
+    assert codes.shape == (8, 96) and scale.shape == (8, 3)
+    assert torch.all(codes[:, 72:] == zero[:, 2:].to(torch.uint8))  # padding codes are exactly 0.0
+    tail_codes, tail_scale, tail_zero = int4_groupwise(w[:, 64:], 8, symmetric=False)
+    torch.testing.assert_close(scale[:, 2:], tail_scale)
+    w_hat = dequantize_int4(pack_int4(codes), scale, zero, in_features=72)
+    assert w_hat.shape == (8, 72) and sqnr_db(w, w_hat) > 17
 
 
 def test_calibration_data_is_required_where_needed():
