@@ -51,15 +51,21 @@ def compare(
     seeds=(0, 1, 2),
     progress: bool = True,
     on_row: Optional[Callable[[dict], None]] = None,
+    done_rows: Optional[list] = None,
 ) -> dict:
     """Run each named scheme ("fp32" for none) on a fresh model from `load_model()`;
-    `on_row(result so far)` is called after each scheme (the CLI writes partial results)."""
+    `on_row(result so far)` is called after each scheme (the CLI writes partial results);
+    schemes in `done_rows` (rows of an earlier result on the same windows) are not run again."""
     from armquant.evaluate import evaluate
     from armquant.quantize import checkpoint_bytes, quantize, scheme_from_name
 
     resolved = {name: (None if name == "fp32" else scheme_from_name(name)) for name in schemes}  # fail early
+    done = {r["scheme"]: r for r in (done_rows or [])}
     rows = []
     for name, scheme in resolved.items():
+        if name in done:
+            rows.append(done[name])
+            continue
         model = load_model()
         start = time.perf_counter()
         if scheme is not None:
@@ -188,7 +194,22 @@ def _cmd_compare(args) -> int:
         write_text(out.with_suffix(".md"), format_markdown(result))
         plot(result, out.with_suffix(".png"))
 
-    result = compare(lambda: load_from_args(args)[0], args.schemes, eval_windows, calib_windows, tuple(args.seeds), on_row=write)
+    done_rows = None
+    if args.resume and out.with_suffix(".json").is_file():
+        import json
+
+        earlier = json.loads(out.with_suffix(".json").read_text())
+        same = (earlier["eval_windows"], earlier["window_length"], earlier["seeds"], earlier.get("data")) == (
+            int(eval_windows.shape[0]), int(eval_windows.shape[1]), list(args.seeds),
+            {"eval": args.data, "calibration": args.calib_data},
+        )
+        if not same:
+            raise ValueError(f"--resume: {out.with_suffix('.json')} was made with other windows, seeds or data; "
+                             "drop --resume or choose another --out")
+        done_rows = earlier["rows"]
+        print(f"resuming: {', '.join(r['scheme'] for r in done_rows)} already done")
+    result = compare(lambda: load_from_args(args)[0], args.schemes, eval_windows, calib_windows, tuple(args.seeds),
+                     on_row=write, done_rows=done_rows)
     write(result)
     table = format_markdown(result)
     print(table)
@@ -214,5 +235,6 @@ def add_cli(subparsers) -> None:
     p.add_argument("--calib-windows", type=int, default=64, help="calibration windows (default: %(default)s)")
     p.add_argument("--calib-length", type=int, default=512, help="tokens per calibration window (default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ARM seeds (default: 0 1 2)")
+    p.add_argument("--resume", action="store_true", help="keep the schemes already in OUT.json (same windows and seeds)")
     add_arm_arguments(p)
     p.set_defaults(handler=_cmd_compare)

@@ -338,8 +338,9 @@ class Int8WeightLinear(QuantizedLinear):
         return m
 
     def forward(self, x):
-        # CPU has an int8-weight GEMM (gpt-fast's path); elsewhere dequantize on the fly.
-        if x.device.type == "cpu":
+        # CPU's int8-weight kernel (gpt-fast's path) wins for a few rows (decoding) but is far
+        # slower than a float GEMM over long prompts: there, dequantize on the fly.
+        if x.device.type == "cpu" and x.numel() // x.shape[-1] <= 16:
             y = torch._weight_int8pack_mm(_flat(x), self.weight, self.scale.to(x.dtype)).reshape(*x.shape[:-1], -1)
         else:
             y = F.linear(x, self.weight.to(x.dtype) * self.scale.to(x.dtype).unsqueeze(1))
