@@ -8,8 +8,10 @@ replaced by a quantized module holding plain integer buffers (packed INT4 two pe
 or bitsandbytes' NF4/FP4/LLM.int8 layouts) and a one-line forward. Embeddings, the LM head and
 norms stay in floating point, and so does ARM: it acts on the gate activation, between linears.
 
-Run time is real low precision: INT8 weight-only uses `torch._weight_int8pack_mm`, W8A8 uses
-`torch._int_mm` (int8 x int8 -> int32), INT4 dequantizes its packed weight on the fly, and the
+Run time is real low precision: INT8 weight-only uses `torch._weight_int8pack_mm` for short
+inputs (else dequantizes on the fly), W8A8 multiplies int8 by int8 into int32 (`torch._int_mm` on
+CUDA; exact float32 GEMMs over short column chunks on CPU, where `_int_mm` is a slow loop), INT4
+dequantizes its packed weight on the fly, and the
 bitsandbytes schemes call bitsandbytes' own kernels (CPU or CUDA). `fake_quantize` gives the
 same rounding in floating point (simulation), for accuracy studies only.
 
@@ -417,13 +419,26 @@ class Int8DynamicLinear(QuantizedLinear):
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 
 
+EXACT_FLOAT_COLUMNS = 1024  # 1024 * 127 * 127 < 2**24: such int8 dot products are exact in float32
+
+
 def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 a [M, K] @ int8 b [N, K].T -> int32 [M, N] through torch._int_mm. CUDA's kernel
-    wants more than 16 rows: shorter inputs (decoding) are padded with zero rows."""
+    """int8 a [M, K] @ int8 b [N, K].T -> int32 [M, N], exactly.
+
+    CUDA: torch._int_mm (its kernel wants more than 16 rows: decoding inputs are padded).
+    CPU: torch._int_mm is a plain loop there, ~35x slower than a float GEMM, so the same integer
+    products run as float32 GEMMs over column chunks short enough to be exact, summed in int32.
+    """
     m = a.shape[0]
-    if a.is_cuda and m <= 16:
-        a = torch.cat([a, a.new_zeros(17 - m, a.shape[1])])
-    return torch._int_mm(a, b.t())[:m]
+    if a.is_cuda:
+        if m <= 16:
+            a = torch.cat([a, a.new_zeros(17 - m, a.shape[1])])
+        return torch._int_mm(a, b.t())[:m]
+    out = torch.zeros(m, b.shape[0], dtype=torch.int32)
+    for k0 in range(0, a.shape[1], EXACT_FLOAT_COLUMNS):
+        chunk = slice(k0, k0 + EXACT_FLOAT_COLUMNS)
+        out += (a[:, chunk].float() @ b[:, chunk].float().t()).to(torch.int32)
+    return out
 
 
 class BnB4bitLinear(QuantizedLinear):

@@ -364,3 +364,14 @@ def test_quantized_modules_on_cuda_match_cpu(rows):
         gpu = module.to("cuda")(x.cuda()).cpu()
         torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-3, msg=type(module).__name__)
         assert sqnr_db(linear(x).detach(), gpu) > 15
+
+
+def test_int8_matmul_is_exact_integer_arithmetic():
+    from armquant.quantize import _int8_matmul
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (33, 2500), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (40, 2500), dtype=torch.int8, generator=g)
+    b[0] = 127
+    a[0] = 127  # the largest possible dot product: 2500 * 127**2 > 2**24
+    assert torch.equal(_int8_matmul(a, b), torch._int_mm(a, b.t()))
