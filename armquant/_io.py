@@ -10,6 +10,12 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike):
     """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds."""
@@ -17,6 +23,7 @@ def atomic_file(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like open()'s
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -47,9 +54,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
         raise FileExistsError(f"{path} already exists; choose another output directory or pass overwrite=True (--overwrite)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like mkdir's
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like mkdir's
     try:
         yield tmp
         if path.exists():

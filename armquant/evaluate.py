@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import platform
 import statistics
 import time
 from typing import Callable, Union
@@ -13,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from armquant._io import write_json
+from armquant._provenance import provenance
 
 __all__ = ["perplexity", "evaluate", "format_table"]
 
@@ -90,11 +89,9 @@ def _cmd_eval(args) -> int:
     model, tokenizer = load_from_args(args)
     windows = token_windows(tokenizer, load_texts(args.data), args.window, args.max_windows)
     print(f"{args.model}: {windows.shape[0]} windows x {windows.shape[1]} tokens from {args.data}")
+    arm = describe(model)["arm"]  # before the seeds are set
     report = evaluate(model, windows, seeds=args.seeds, arm_off=not args.no_arm_off)
-    report.update(
-        model=args.model, data=args.data, arm=describe(model)["arm"], torch=torch.__version__,
-        machine=f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.platform()}",
-    )
+    report.update(model=args.model, data=args.data, arm=arm, **provenance())
     print(format_table(report))
     if args.json:
         write_json(args.json, report)

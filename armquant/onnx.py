@@ -1,0 +1,584 @@
+"""Export ARM models to ONNX with a KV cache, run them in ONNX Runtime, quantize them there.
+
+An export is a folder that `optimum.onnxruntime.ORTModelForCausalLM` loads as it is:
+
+    model.onnx              the decoder with past; each ARM site is one `armquant::ARM` node
+    config.json, generation_config.json, tokenizer files, arm_config.json
+    armquant.json           what was exported, and how
+
+The graph has optimum's I/O names: `input_ids`, `attention_mask`, `position_ids`,
+`past_key_values.{i}.key/value` -> `logits`, `present.{i}.key/value`, with past and present
+shaped [batch, kv_heads, length, head_dim]. Every model embeds the ONNX function for
+`armquant::ARM` (armquant/onnx_function.py), one function whose body reads the node's
+attributes, so every ARM site stays an `armquant::ARM` node whatever its settings. ONNX Runtime
+runs such a node with the registered kernel when our custom-op library is loaded (checked in
+its profile: one `ARM` kernel, no function ops) and otherwise inlines the function, so the graph
+also runs on a plain ONNX Runtime, in the ONNX checker and in ONNX Runtime's quantization tools.
+
+The exporter is torch.export + `torch.onnx.export(dynamo=True)`. `torch.ops.armquant.arm`
+maps to the ARM node through `custom_translation_table`; the node is declared with an OpSchema
+handed to onnxscript (not registered globally) rather than as an onnxscript function, because
+the exporter's version pass inlines every function it finds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from armquant._io import atomic_dir, write_json
+from armquant.onnx_function import ATTRIBUTES, DOMAIN, MIN_OPSET, OP_NAME, arm_function
+
+__all__ = ["export", "session", "ort_logits_fn", "ort_evaluate", "quantize_onnx", "parity", "MODEL_FILE"]
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+INFO_FILE = "armquant.json"
+LIBRARY_AUTO = "auto"  # session(library=...): our library when built, else the function fallback
+LIBRARY_NONE = "none"  # force the function fallback
+
+_ARM_DEFAULTS = dict(c=0.13, p1=99.5, k=1.0, pmin=0.02, pmax=0.25, kappa=1.4826, share="mad",
+                     percentile_of="signed", scope="sequence", seed=0)
+
+
+# --- The ARM node for the exporter --------------------------------------------------------
+
+
+def _arm_schema():
+    from onnx import helper
+    from onnx.defs import OpSchema
+
+    param = OpSchema.FormalParameter
+    optional = OpSchema.FormalParameterOption.Optional
+    return OpSchema(
+        OP_NAME, DOMAIN, 1,
+        inputs=[param("X", "T"), param("mask", "M", param_option=optional),
+                param("positions", "tensor(int64)", param_option=optional)],
+        outputs=[param("Y", "T")],
+        type_constraints=[
+            ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
+            ("M", ["tensor(bool)", "tensor(int64)", "tensor(int32)"], "attention mask"),
+        ],
+        attributes=[OpSchema.Attribute(name, helper.make_attribute(name, _ARM_DEFAULTS[name])) for name in ATTRIBUTES],
+    )
+
+
+def _arm_translation():
+    """custom_translation_table entry: torch.ops.armquant.arm -> one armquant::ARM node."""
+    from onnxscript.values import Op, Opset
+
+    arm_op = Op(Opset(DOMAIN, 1), OP_NAME, _arm_schema())
+
+    def translate(x, mask, positions, c, p1, k, pmin, pmax, kappa, share, percentile_of, scope, seed):
+        return arm_op(x, mask, positions, c=c, p1=p1, k=k, pmin=pmin, pmax=pmax, kappa=kappa, share=share,
+                      percentile_of=percentile_of, scope=scope, seed=seed)
+
+    return {torch.ops.armquant.arm.default: translate}
+
+
+# --- The decoder with a flat KV cache -----------------------------------------------------
+
+
+class DecoderWithPast(nn.Module):
+    """(input_ids, attention_mask, position_ids, *past) -> (logits, *present), flat tensors.
+
+    past/present alternate key, value per layer, each [batch, kv_heads, length, head_dim].
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(self.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "attention_mask", "position_ids"]
+    outputs = ["logits"]
+    for i in range(num_layers):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    return inputs, outputs
+
+
+def _kv_shape(config) -> tuple[int, int]:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_key_value_heads, head_dim
+
+
+def _check_exportable(model: nn.Module) -> None:
+    from armquant.models import FAMILIES
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"cannot export model type {model_type!r}: armquant exports the decoder-only families "
+            f"{sorted(FAMILIES)} (a Llama-style gated MLP that carries ARM)"
+        )
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        raise ValueError("export a float32 model (load it with dtype=torch.float32); ONNX Runtime "
+                         "quantization then makes the smaller variants")
+
+
+def _to_onnx(model: nn.Module) -> onnx.ModelProto:
+    """Trace the decoder with past and return the ModelProto with the ARM function embedded."""
+    config = model.config
+    kv_heads, head_dim = _kv_shape(config)
+    batch, seq, past_len = 2, 3, 4  # > 1 each, so torch.export keeps them symbolic
+    input_ids = torch.randint(0, config.vocab_size, (batch, seq))
+    attention_mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
+    position_ids = torch.arange(past_len, past_len + seq).expand(batch, seq)
+    past = tuple(torch.zeros(batch, kv_heads, past_len, head_dim) for _ in range(2 * config.num_hidden_layers))
+    token_dims = {0: "batch_size", 1: "sequence_length"}
+    dynamic_shapes = {
+        "input_ids": token_dims,
+        "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+        "position_ids": token_dims,
+        "past": tuple({0: "batch_size", 2: "past_sequence_length"} for _ in past),
+    }
+    inputs, outputs = io_names(config.num_hidden_layers)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            DecoderWithPast(model).eval(), (input_ids, attention_mask, position_ids, *past),
+            dynamo=True, dynamic_shapes=dynamic_shapes, input_names=inputs, output_names=outputs,
+            custom_translation_table=_arm_translation(), verbose=False,
+        )
+    proto = program.model_proto
+    return embed_arm_function(proto)
+
+
+def embed_arm_function(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Add the `armquant.ARM` function and the armquant opset import to `proto` (in place)."""
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < MIN_OPSET:
+        raise ValueError(f"the graph uses standard opset {opset}; the ARM function needs >= {MIN_OPSET}")
+    kept = [f for f in proto.functions if (f.domain, f.name) != (DOMAIN, OP_NAME)]
+    del proto.functions[:]
+    proto.functions.extend(kept + [arm_function(opset)])
+    if not any(o.domain == DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    return proto
+
+
+def arm_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in proto.graph.node if n.domain == DOMAIN and n.op_type == OP_NAME]
+
+
+def _save_proto(proto: onnx.ModelProto, folder: Path) -> None:
+    # One file below the 2 GiB protobuf limit; beyond it, weights go to model.onnx_data.
+    large = proto.ByteSize() > 1_800_000_000
+    onnx.save_model(proto, str(folder / MODEL_FILE), save_as_external_data=large,
+                    all_tensors_to_one_file=True, location=MODEL_FILE + "_data")
+
+
+def _attribute(attribute: onnx.AttributeProto):
+    value = onnx.helper.get_attribute_value(attribute)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _versions() -> dict:
+    import onnxruntime
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    """Export an ARM model (armquant.models.load) to `out_dir` as an ONNX decoder with past.
+
+    Writes model.onnx, the HF config/generation config/tokenizer and arm_config.json atomically:
+    `out_dir` appears complete or not at all. An existing `out_dir` is refused unless `overwrite`.
+    """
+    from armquant.models import ARM_CONFIG_FILE, arm_sites
+
+    _check_exportable(model)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; choose another output directory or pass overwrite=True (--overwrite)")
+    model = model.eval()
+    start = time.perf_counter()
+    proto = _to_onnx(model)
+    sites = arm_sites(model)
+    found = len(arm_nodes(proto))
+    enabled = sum(1 for s in sites.values() if s.arm.enabled)
+    if found != enabled:
+        raise RuntimeError(f"the exported graph has {found} ARM nodes but the model has {enabled} enabled ARM sites")
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        _save_proto(proto, tmp)
+        config = model.config
+        config.use_cache = True
+        config.save_pretrained(tmp)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        arm_config = getattr(model, "arm_config", None)
+        if arm_config is not None:
+            (tmp / ARM_CONFIG_FILE).write_text(json.dumps(arm_config.to_dict(), indent=2) + "\n")
+        write_json(tmp / INFO_FILE, {
+            "format": "decoder-with-past",
+            "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+            "arm_nodes": [{"name": n.name, **{a.name: _attribute(a) for a in n.attribute}} for n in arm_nodes(proto)],
+            "quantization": None,
+            "versions": _versions(),
+        })
+    log.info("exported %s in %.1f s (%d ARM nodes)", out_dir, time.perf_counter() - start, found)
+    return out_dir
+
+
+# --- ONNX Runtime sessions ----------------------------------------------------------------
+
+
+def library_path(library: Optional[str] = LIBRARY_AUTO) -> Optional[str]:
+    """Resolve `library` ("auto", "none", or a path) to the custom-op library to register, or None."""
+    if library in (None, LIBRARY_NONE):
+        return None
+    if library == LIBRARY_AUTO:
+        from armquant.runtime import custom_op_library
+
+        return custom_op_library()
+    if not Path(library).is_file():
+        raise FileNotFoundError(
+            f"no ARM custom-op library at {library}; build it (pip install -e .), pass its path, "
+            f"or use library='{LIBRARY_NONE}' to run ARM through the ONNX function"
+        )
+    return str(library)
+
+
+def session_options(library: Optional[str] = LIBRARY_AUTO, threads: Optional[int] = None):
+    """ONNX Runtime SessionOptions with the ARM library registered when there is one."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    path = library_path(library)
+    if path is not None:
+        options.register_custom_ops_library(path)
+        log.info("registered ARM custom-op library %s", path)
+    else:
+        log.info("no ARM custom-op library: ARM nodes run their ONNX function")
+    return options
+
+
+def session(model_dir: str | os.PathLike, library: Optional[str] = LIBRARY_AUTO, threads: Optional[int] = None,
+            seed: Optional[int] = None, arm: bool = True, providers=("CPUExecutionProvider",)):
+    """An InferenceSession over `model_dir/model.onnx`.
+
+    library: "auto" (our custom-op library when built, else ARM's ONNX function), "none" (the
+    function), or a path. seed: run every ARM node with this seed instead of the exported one.
+    arm=False: run with ARM off (each ARM node becomes Identity), for ARM on/off comparisons.
+    """
+    import onnxruntime as ort
+
+    path = Path(model_dir) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MODEL_FILE} in {model_dir}; pass a folder written by `armquant export`")
+    options = session_options(library, threads)
+    if seed is None and arm:
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    proto = onnx.load(str(path))
+    for node in arm_nodes(proto):
+        if not arm:
+            del node.input[1:], node.attribute[:]
+            node.op_type, node.domain = "Identity", ""
+        else:
+            del node.attribute[[a.name for a in node.attribute].index("seed")]
+            node.attribute.append(onnx.helper.make_attribute("seed", int(seed)))
+    return ort.InferenceSession(proto.SerializeToString(), sess_options=options, providers=list(providers))
+
+
+class DecoderSession:
+    """Feeds an exported decoder: prefill and decode with numpy past tensors."""
+
+    def __init__(self, sess):
+        self.sess = sess
+        names = [i.name for i in sess.get_inputs()]
+        self.num_layers = sum(1 for n in names if n.endswith(".key"))
+        past = next(i for i in sess.get_inputs() if i.name == "past_key_values.0.key")
+        self.kv_heads, self.head_dim = past.shape[1], past.shape[3]
+        self.output_names = [o.name for o in sess.get_outputs()]
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(2 * self.num_layers)]
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past=None):
+        """-> (logits [B, S, V], present list)."""
+        past = self.empty_past(input_ids.shape[0]) if past is None else past
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+                "position_ids": position_ids.astype(np.int64)}
+        for i in range(self.num_layers):
+            feed[f"past_key_values.{i}.key"] = past[2 * i]
+            feed[f"past_key_values.{i}.value"] = past[2 * i + 1]
+        outputs = self.sess.run(self.output_names, feed)
+        return outputs[0], outputs[1:]
+
+
+def positions_from_mask(attention_mask: np.ndarray, seq_len: int) -> np.ndarray:
+    """position_ids for the last `seq_len` tokens, counting only unmasked ones (as `generate`)."""
+    return np.clip(np.cumsum(attention_mask, axis=-1) - 1, 0, None)[:, -seq_len:]
+
+
+def ort_logits_fn(model_dir: str | os.PathLike, library: Optional[str] = LIBRARY_AUTO, threads: Optional[int] = None,
+                  seed: Optional[int] = None, arm: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A callable input_ids [B, L] -> logits [B, L, V] (float32 torch) running the ONNX export.
+
+    `armquant.evaluate.perplexity(ort_logits_fn(dir), windows)` is perplexity through ONNX Runtime;
+    `seed` and `arm` as in `session`.
+    """
+    decoder = DecoderSession(session(model_dir, library=library, threads=threads, seed=seed, arm=arm))
+
+    def logits(input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.cpu().numpy()
+        mask = np.ones_like(ids)
+        out, _ = decoder.run(ids, mask, positions_from_mask(mask, ids.shape[1]))
+        return torch.from_numpy(out)
+
+    return logits
+
+
+def ort_evaluate(model_dir: str | os.PathLike, windows: torch.Tensor, seeds=(0, 1, 2), arm_off: bool = True,
+                 library: Optional[str] = LIBRARY_AUTO, threads: Optional[int] = None, progress: bool = True) -> dict:
+    """`armquant.evaluate.evaluate` through ONNX Runtime: the same report (ARM off, each seed)."""
+    import statistics
+
+    from armquant.evaluate import perplexity
+
+    proto = onnx.load(str(Path(model_dir) / MODEL_FILE), load_external_data=False)
+    has_arm = bool(arm_nodes(proto))
+    runs = ([(False, None)] if arm_off or not has_arm else []) + ([(True, s) for s in seeds] if has_arm else [])
+    rows = []
+    for arm, seed in runs:
+        logits = ort_logits_fn(model_dir, library=library, threads=threads, seed=seed, arm=arm)
+        start = time.perf_counter()
+        desc = f"ORT, ARM on, seed {seed}" if arm else "ORT, ARM off"
+        result = perplexity(logits, windows, progress, desc=desc)
+        rows.append({"arm": arm, "seed": seed, **result, "seconds": time.perf_counter() - start})
+    on = [r["perplexity"] for r in rows if r["arm"]]
+    summary = {"arm_off": next((r["perplexity"] for r in rows if not r["arm"]), None)}
+    if on:
+        summary["arm_on_mean"] = statistics.fmean(on)
+        summary["arm_on_std"] = statistics.stdev(on) if len(on) > 1 else 0.0
+    return {"rows": rows, "summary": summary, "windows": int(windows.shape[0]), "window_length": int(windows.shape[1]),
+            "backend": "onnxruntime", "library": library_path(library)}
+
+
+# --- ONNX Runtime quantization ------------------------------------------------------------
+
+SCHEMES = ("int4", "int8")
+
+
+def quantize_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, scheme: str = "int4",
+                  block_size: int = 128, accuracy_level: int = 4, overwrite: bool = False,
+                  source_name: Optional[str] = None) -> Path:
+    """Quantize an export with ONNX Runtime's tools; the ARM nodes and their function survive.
+
+    int4: weight-only MatMulNBits (4-bit blocks of `block_size`, `accuracy_level` 4 = int8
+    activations inside the kernel, the fast CPU path). int8: dynamic quantization of MatMul.
+    """
+    import shutil
+
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme={scheme!r} must be one of {SCHEMES}")
+    if scheme == "int4" and (block_size < 16 or block_size & (block_size - 1)):
+        raise ValueError(f"block_size={block_size} must be a power of two >= 16 (MatMulNBits), e.g. 32 or 128")
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    source = model_dir / MODEL_FILE
+    if not source.is_file():
+        raise FileNotFoundError(f"no {MODEL_FILE} in {model_dir}; pass a folder written by `armquant export`")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; choose another output directory or pass overwrite=True (--overwrite)")
+    before = onnx.load(str(source), load_external_data=False)
+    n_arm = len(arm_nodes(before))
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for item in model_dir.iterdir():
+            if item.name not in (MODEL_FILE, MODEL_FILE + "_data", INFO_FILE) and item.is_file():
+                shutil.copy2(item, tmp / item.name)
+        if scheme == "int4":
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            quantizer = MatMulNBitsQuantizer(str(source), bits=4, block_size=block_size, is_symmetric=True,
+                                             accuracy_level=accuracy_level)
+            quantizer.process()
+            proto = quantizer.model.model
+        else:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            staged = tmp / ("staged-" + MODEL_FILE)
+            quantize_dynamic(str(source), str(staged), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                             extra_options={"MatMulConstBOnly": True})
+            proto = onnx.load(str(staged))
+            staged.unlink()
+        embed_arm_function(proto)  # re-embed: the tools may drop or rewrite model-local functions
+        if len(arm_nodes(proto)) != n_arm:
+            raise RuntimeError(f"quantization changed the ARM nodes: {n_arm} before, {len(arm_nodes(proto))} after")
+        _save_proto(proto, tmp)
+        info = json.loads((model_dir / INFO_FILE).read_text()) if (model_dir / INFO_FILE).is_file() else {}
+        info["quantization"] = {"scheme": scheme, "source": source_name or str(model_dir),
+                                **({"block_size": block_size, "accuracy_level": accuracy_level} if scheme == "int4" else {})}
+        write_json(tmp / INFO_FILE, info)
+    return out_dir
+
+
+# --- Parity: ONNX Runtime against PyTorch -------------------------------------------------
+
+
+def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| / max |b|: the error relative to the logits' scale."""
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def parity(model: nn.Module, model_dir: str | os.PathLike, library: Optional[str] = LIBRARY_AUTO,
+           prompt_len: int = 8, decode_steps: int = 4, seed: int = 0) -> dict:
+    """Compare ONNX Runtime's logits with PyTorch's, with ARM as configured in `model`.
+
+    Cases: prefill; decode with past (one token at a time on ORT's own present); batch 2 with
+    left padding. Returns {case: max relative error}; padded positions are left out.
+    """
+    decoder = DecoderSession(session(model_dir, library=library))
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (1, prompt_len + decode_steps), generator=g)
+    results = {}
+    # PyTorch runs the same steps with its own KV cache: ARM's statistics cover the tokens of
+    # each call, so a decode step must see exactly one new token on both sides.
+    reference = DecoderWithPast(model).eval()
+    kv_heads, head_dim = _kv_shape(model.config)
+    torch_past = [torch.zeros(1, kv_heads, 0, head_dim) for _ in range(2 * reference.num_layers)]
+    mask = np.ones((1, prompt_len), np.int64)
+    positions = positions_from_mask(mask, prompt_len)
+    with torch.no_grad():
+        expect, *torch_past = reference(ids[:, :prompt_len], torch.from_numpy(mask), torch.from_numpy(positions), *torch_past)
+    logits, present = decoder.run(ids[:, :prompt_len].numpy(), mask, positions)
+    results["prefill"] = _relative_error(logits, expect.numpy())
+    errors = []
+    for step in range(decode_steps):
+        t = prompt_len + step
+        mask = np.ones((1, t + 1), np.int64)
+        positions = positions_from_mask(mask, 1)
+        logits, present = decoder.run(ids[:, t:t + 1].numpy(), mask, positions, present)
+        with torch.no_grad():
+            expect, *torch_past = reference(ids[:, t:t + 1], torch.from_numpy(mask), torch.from_numpy(positions), *torch_past)
+        errors.append(_relative_error(logits, expect.numpy()))
+    results["decode_with_past"] = max(errors)
+    # Batch 2: row 0 full, row 1 left-padded by 3 tokens; PyTorch runs the same padded batch.
+    pad = 3
+    batch_ids = torch.randint(0, vocab, (2, prompt_len), generator=g)
+    batch_mask = torch.ones(2, prompt_len, dtype=torch.long)
+    batch_mask[1, :pad] = 0
+    with torch.no_grad():
+        expect = model(batch_ids, attention_mask=batch_mask).logits.numpy()
+    mask = batch_mask.numpy()
+    logits, _ = decoder.run(batch_ids.numpy(), mask, positions_from_mask(mask, prompt_len))
+    keep = mask.astype(bool)
+    results["batch_padded"] = _relative_error(logits[keep], expect[keep])
+    return results
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def _cmd_export(args) -> int:
+    from armquant.models import load_from_args
+
+    if Path(args.out_dir).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out_dir} already exists; choose another output directory or pass --overwrite")
+    model, tokenizer = load_from_args(args)
+    if args.quantize:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=Path(args.out_dir).resolve().parent) as staging:
+            fp32 = export(model, Path(staging) / "fp32", tokenizer)
+            quantize_onnx(fp32, args.out_dir, args.quantize, args.block_size, args.accuracy_level, args.overwrite,
+                          source_name=args.model)
+    else:
+        export(model, args.out_dir, tokenizer, overwrite=args.overwrite)
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
+def _cmd_ort_quantize(args) -> int:
+    out = quantize_onnx(args.model_dir, args.out_dir, args.scheme, args.block_size, args.accuracy_level, args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_parity(args) -> int:
+    from armquant.models import load_from_args
+
+    model, _ = load_from_args(args)
+    results = parity(model, args.onnx_dir, library=args.library, prompt_len=args.prompt_len)
+    worst = max(results.values())
+    for case, error in results.items():
+        print(f"{case:<18} max relative error {error:.3e}  {'ok' if error <= args.tolerance else 'FAIL'}")
+    return 0 if worst <= args.tolerance else 1
+
+
+def _add_library_argument(parser) -> None:
+    parser.add_argument(
+        "--library", default=LIBRARY_AUTO, metavar="auto|none|PATH",
+        help="ARM custom-op library for ONNX Runtime: auto (the built one, if any), none (the ONNX "
+        "function fallback), or a path",
+    )
+
+
+def add_cli(subparsers) -> None:
+    from armquant.models import add_arm_arguments
+
+    p = subparsers.add_parser(
+        "export", help="export a model to ONNX (decoder with KV cache, ARM as armquant::ARM)",
+        description="Export an ARM model to an ONNX decoder with past that ONNX Runtime and optimum's "
+        "ORTModelForCausalLM load; optionally quantize it with ONNX Runtime.",
+    )
+    p.add_argument("model", help="bundled name, .gguf file or checkpoint folder")
+    p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    p.add_argument("--quantize", choices=SCHEMES, help="also quantize with ONNX Runtime: int4 (MatMulNBits) or int8 (dynamic)")
+    p.add_argument("--block-size", type=int, default=128, help="int4 block size (32 or 128; default 128)")
+    p.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy level (4: int8 compute, fastest on CPU)")
+    add_arm_arguments(p)
+    p.set_defaults(handler=_cmd_export)
+
+    p = subparsers.add_parser("ort-quantize", help="quantize an ONNX export with ONNX Runtime (int4 or int8)")
+    p.add_argument("model_dir", help="folder written by `armquant export`")
+    p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--scheme", choices=SCHEMES, default="int4")
+    p.add_argument("--block-size", type=int, default=128, help="int4 block size (32 or 128; default 128)")
+    p.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy level (default 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    p.set_defaults(handler=_cmd_ort_quantize)
+
+    p = subparsers.add_parser("parity", help="compare ONNX Runtime logits with PyTorch's for an export",
+                              description="Run prefill, decode with past and a padded batch through both the "
+                              "PyTorch model and its ONNX export; print the max relative logit error.")
+    p.add_argument("model", help="the PyTorch model: bundled name, .gguf file or checkpoint folder")
+    p.add_argument("onnx_dir", help="folder written by `armquant export` from that model")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error allowed (default 1e-4)")
+    p.add_argument("--prompt-len", type=int, default=16)
+    _add_library_argument(p)
+    add_arm_arguments(p)
+    p.set_defaults(handler=_cmd_parity)

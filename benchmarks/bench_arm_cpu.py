@@ -1,0 +1,138 @@
+"""ARM on the CPU: the native kernel against the PyTorch reference and one elementwise pass.
+
+Every timing runs side by side in this process, interleaved round by round, with the same
+thread count; the table shows ratios (the machine may be shared, absolute times drift):
+
+    speedup   = reference / native          (target: >= 10)
+    vs_add    = native / torch.add(x, 1.0)  (one read and one freshly allocated write; target: <= 5)
+    vs_abs    = native / x.abs()
+
+    python benchmarks/bench_arm_cpu.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from armquant import _native  # noqa: E402
+from armquant.arm import ARMConfig, arm_reference  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        rev = ""
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return {
+        "cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+        "load_average_at_start": os.getloadavg(), "platform": platform.platform(), "git_rev": rev,
+        "versions": versions, "library": str(_native.library_path()),
+    }
+
+
+def best_of(fn, rounds: int) -> list[float]:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench(shape, dtype, scope: str, rounds: int, reference_rounds: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    config = ARMConfig(scope=scope)
+    native = _native.kernel("cpu")
+    candidates = {
+        "native": lambda: native(x, None, None, config),
+        "add": lambda: torch.add(x, 1.0),
+        "abs": lambda: x.abs(),
+    }
+    for fn in candidates.values():
+        fn()  # warm up: page in, spawn nothing lazily inside the timing
+    times = {name: [] for name in candidates}
+    times["reference"] = []
+    for r in range(rounds):  # interleaved, so that load from elsewhere hits all alike
+        for name, fn in candidates.items():
+            times[name] += best_of(fn, 1)
+        if r < reference_rounds:
+            times["reference"] += best_of(lambda: arm_reference(x, None, None, config), 1)
+    ms = {name: 1e3 * min(values) for name, values in times.items()}
+    return {
+        "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "scope": scope, "rounds": rounds,
+        "reference_rounds": reference_rounds, "min_ms": ms,
+        "median_ms": {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items()},
+        "speedup": ms["reference"] / ms["native"], "vs_add": ms["native"] / ms["add"], "vs_abs": ms["native"] / ms["abs"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, also used by the native kernel")
+    parser.add_argument("--shapes", default="1x2048x1536,1x2048x14336", help="comma-separated BxSxI")
+    parser.add_argument("--dtypes", default="float32", help=f"comma-separated, of {sorted(DTYPES)}")
+    parser.add_argument("--scopes", default="sequence", help="comma-separated: tensor, sequence, token")
+    parser.add_argument("--rounds", type=int, default=15, help="timed rounds of native/add/abs (min is reported)")
+    parser.add_argument("--reference-rounds", type=int, default=3, help="timed rounds of the slow reference")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_arm_cpu.json"))
+    args = parser.parse_args()
+    if _native.kernel("cpu") is None:
+        print("error: the native kernel is not built; run `python -m armquant._native --build`", file=sys.stderr)
+        return 1
+    torch.set_num_threads(args.threads)
+    record = {"command": " ".join([Path(sys.executable).name] + sys.argv), "threads": args.threads,
+              "machine": machine(), "results": []}
+    header = f"{'shape':>16} {'dtype':>9} {'scope':>9} | {'reference':>10} {'native':>8} {'add':>7} {'abs':>7} ms | {'speedup':>8} {'vs add':>7} {'vs abs':>7}"
+    print(header)
+    print("-" * len(header))
+    for shape_text in args.shapes.split(","):
+        shape = tuple(int(d) for d in shape_text.split("x"))
+        for dtype_name in args.dtypes.split(","):
+            for scope in args.scopes.split(","):
+                row = bench(shape, DTYPES[dtype_name], scope, args.rounds, args.reference_rounds)
+                record["results"].append(row)
+                ms = row["min_ms"]
+                print(f"{shape_text:>16} {dtype_name:>9} {scope:>9} | {ms['reference']:10.1f} {ms['native']:8.2f} "
+                      f"{ms['add']:7.2f} {ms['abs']:7.2f}    | {row['speedup']:7.1f}x {row['vs_add']:6.2f}x {row['vs_abs']:6.2f}x",
+                      flush=True)
+    record["load_average_at_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as tmp:
+        json.dump(record, tmp, indent=2)
+    os.replace(tmp.name, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The native CPU kernel against the reference, bit for bit (docs/arm-op-spec.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from armquant import _native
+from armquant.arm import PRESETS, ARMConfig, arm, arm_reference
+
+pytestmark = pytest.mark.skipif(
+    _native.kernel("cpu") is None,
+    reason="libarmquant_ort.so is not built (python -m armquant._native --build)",
+)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SCOPES = ("tensor", "sequence", "token")
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def native(x, mask=None, positions=None, config=ARMConfig()):
+    return _native.kernel("cpu")(x, mask, positions, config)
+
+
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    a, e = actual.view(BITS[actual.dtype]), expected.view(BITS[expected.dtype])
+    differ = (a != e).nonzero()
+    assert differ.numel() == 0, (
+        f"{differ.shape[0]} of {a.numel()} elements differ, first at {differ[0].tolist()}: "
+        f"native {actual[tuple(differ[0])].item()!r} vs reference {expected[tuple(differ[0])].item()!r}"
+    )
+
+
+def check(x, mask=None, positions=None, config=ARMConfig()):
+    assert_same_bits(native(x, mask, positions, config), arm_reference(x, mask, positions, config))
+
+
+# --- data with the awkward cases the spec pins down --------------------------------------
+
+
+def data(kind: str, shape, dtype, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(shape, generator=gen)
+    if kind == "all_equal":
+        x = torch.full(shape, 0.7)
+    elif kind == "ties":  # few distinct values: ties at every order statistic
+        x = torch.round(x * 3) / 4
+    elif kind == "zeros":  # +0.0 and -0.0 mixed in
+        x = torch.where(torch.rand(shape, generator=gen) < 0.4, 0.0, x)
+        x = torch.where(torch.rand(shape, generator=gen) < 0.5, -x, x)
+    elif kind == "negative":
+        x = -x.abs() - 0.01
+    elif kind == "nonfinite":
+        r = torch.rand(shape, generator=gen)
+        x = torch.where(r < 0.05, float("nan"), x)
+        x = torch.where((r >= 0.05) & (r < 0.08), float("inf"), x)
+        x = torch.where((r >= 0.08) & (r < 0.1), float("-inf"), x)
+    elif kind == "wide":  # magnitudes across many octaves, subnormals included
+        x = x * torch.exp2(torch.randint(-30, 30, shape, generator=gen).float())
+    return x.to(dtype)
+
+
+KINDS = ("normal", "all_equal", "ties", "zeros", "negative", "nonfinite", "wide")
+SHAPES = ((1, 1, 1), (1, 1, 7), (2, 3, 5), (3, 7, 33), (2, 5, 257))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_parity_small_groups(dtype, scope, kind):
+    gen = torch.Generator().manual_seed(hash((str(dtype), scope, kind)) % 2**31)
+    for shape in SHAPES:
+        x = data(kind, shape, dtype, gen)
+        for config in (ARMConfig(scope=scope), PRESETS["llama-3.1"].replace(scope=scope),
+                       PRESETS["gemma-3"].replace(scope=scope, seed=2**40 + 3)):
+            check(x, config=config)
+        mask = torch.rand(shape[:2], generator=gen) < 0.7
+        mask[0] = False  # one fully masked row
+        positions = torch.randint(0, 2**40, shape[:2], generator=gen)
+        check(x, mask, positions, ARMConfig(scope=scope))
+        check(x, mask.long(), positions, ARMConfig(scope=scope, percentile_of="abs"))
+
+
+# Groups of at least 2**17 elements take the radix-select path.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ("normal", "ties", "zeros", "nonfinite", "wide", "negative"))
+def test_parity_large_groups(dtype, kind):
+    gen = torch.Generator().manual_seed(7)
+    x = data(kind, (2, 3, 50_000), dtype, gen)
+    mask = torch.tensor([[1, 0, 1], [1, 1, 1]])
+    positions = torch.randint(-(2**40), 2**40, (2, 3), generator=gen)
+    for config in (ARMConfig(), ARMConfig(scope="tensor", percentile_of="abs"), PRESETS["llama-3.1"],
+                   ARMConfig(share="fixed", c=0.3, p1=0.0), ARMConfig(p1=100.0, pmin=0.0, pmax=1.0, k=20.0)):
+        check(x, mask, positions, config)
+
+
+def test_parity_large_group_many_values_near_eps():
+    # kappa = c = 1 puts eps on the MAD, a value that many elements share: the kernel must
+    # count a < eps again instead of keeping them.
+    gen = torch.Generator().manual_seed(3)
+    x = data("ties", (1, 4, 60_000), torch.float32, gen)
+    check(x, config=ARMConfig(kappa=1.0, c=1.0, scope="tensor"))
+
+
+def test_parity_large_group_all_equal():
+    # Every element in the threshold's histogram bin: the kernel takes the extra-pass route.
+    x = torch.full((1, 1, 2_200_000), -1.25)
+    x[0, 0, ::3] = 1.25
+    check(x, config=ARMConfig(scope="tensor"))
+
+
+def test_empty_and_degenerate_shapes():
+    for shape in ((1, 0, 4), (0, 3, 4), (2, 3, 0)):
+        x = torch.randn(shape)
+        assert native(x).shape == x.shape
+    x = torch.randn(4, 9)  # rank 2 means B = 1
+    check(x, torch.tensor([1, 1, 0, 1]), torch.arange(4) + 100)
+    check(x, torch.tensor([[1, 1, 0, 1]]))
+    check(torch.randn(2, 3, 8), torch.zeros(2, 3, dtype=torch.bool))  # nothing valid
+
+
+def test_noncontiguous_input():
+    x = torch.randn(3, 8, 6).transpose(0, 1)
+    check(x)
+
+
+def test_philox_known_answers():
+    # The spec's table.
+    assert _native.philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+    assert _native.philox4x32_10((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF)) == (
+        0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)
+    assert _native.philox4x32_10((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)) == (
+        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)
+
+
+def test_thread_count_does_not_change_the_result():
+    x = torch.randn(2, 4, 40_000)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native(x, config=ARMConfig(scope="tensor"))
+        torch.set_num_threads(max(2, previous))
+        many = native(x, config=ARMConfig(scope="tensor"))
+    finally:
+        torch.set_num_threads(previous)
+    assert_same_bits(one, many)
+
+
+def test_torch_op_uses_native_kernel_when_forced(monkeypatch):
+    x = torch.randn(2, 5, 64)
+    monkeypatch.setenv("ARMQUANT_ARM_BACKEND", "native")
+    got = arm(x, config=PRESETS["llama-3.1"])
+    monkeypatch.setenv("ARMQUANT_ARM_BACKEND", "reference")
+    want = arm(x, config=PRESETS["llama-3.1"])
+    assert_same_bits(got, want)
+    assert not torch.equal(got, x)  # ARM changed something
+
+
+def test_forcing_native_without_a_kernel_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("ARMQUANT_ARM_BACKEND", "native")
+    monkeypatch.setattr(_native, "kernel", lambda device_type: None)
+    with pytest.raises(RuntimeError, match="no native ARM kernel is built"):
+        arm(torch.randn(1, 2, 4))
+
+
+def test_bad_inputs_raise_before_the_kernel():
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        native(torch.randn(1, 2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shape"):
+        native(torch.randn(2, 4), torch.ones(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask"):
+        native(torch.randn(1, 2, 4), torch.ones(1, 2))
+
+
+def test_build_without_cmake_says_how_to_fix(monkeypatch, tmp_path):
+    from armquant import _build
+
+    monkeypatch.setattr(_build.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="cmake was not found"):
+        _build.build(destination=tmp_path)
+
+
+# --- fuzz ----------------------------------------------------------------------------------
+
+_specials = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, float("nan"), float("inf"), float("-inf"), 1e-40, 6e4])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    B=st.integers(1, 3), S=st.integers(1, 4), I=st.integers(1, 40),
+    dtype=st.sampled_from(DTYPES), scope=st.sampled_from(SCOPES),
+    share=st.sampled_from(["mad", "fixed"]), percentile_of=st.sampled_from(["signed", "abs"]),
+    c=st.floats(0, 1.5), p1=st.floats(0, 100), k=st.floats(0, 4), pmin=st.floats(0, 1), pmax=st.floats(0, 1),
+    kappa=st.floats(0, 3), seed=st.integers(0, 2**63 - 1), use_mask=st.booleans(), data_seed=st.integers(0, 2**31),
+    values=st.lists(_specials, max_size=6), levels=st.integers(0, 8),
+)
+def test_fuzz_parity(B, S, I, dtype, scope, share, percentile_of, c, p1, k, pmin, pmax, kappa, seed, use_mask,
+                     data_seed, values, levels):
+    pmin, pmax = min(pmin, pmax), max(pmin, pmax)
+    config = ARMConfig(c=c, p1=p1, k=k, pmin=pmin, pmax=pmax, kappa=kappa, share=share,
+                       percentile_of=percentile_of, scope=scope, seed=seed)
+    gen = torch.Generator().manual_seed(data_seed)
+    x = torch.randn(B, S, I, generator=gen)
+    if levels:  # coarse grid: many ties
+        x = torch.round(x * levels) / levels
+    flat = x.view(-1)
+    for j, v in enumerate(values):
+        flat[(j * 7919) % flat.numel()] = v
+    x = x.to(dtype)
+    mask = (torch.rand(B, S, generator=gen) < 0.8) if use_mask else None
+    positions = torch.randint(0, 2**34, (B, S), generator=gen)
+    check(x, mask, positions, config)
+
+
+# --- build and CUDA ------------------------------------------------------------------------
+
+
+def test_library_carries_cuda_kernel_when_built_with_nvcc():
+    import shutil
+    from pathlib import Path
+
+    from armquant import _build
+
+    if shutil.which("nvcc") is None or not list((_build.EXPORT_DIR / "cuda").glob("*.cu")):
+        pytest.skip("no nvcc or no export/cuda/*.cu: the library is CPU-only by design")
+    cache = _build.EXPORT_DIR / "build" / "CMakeCache.txt"
+    if _native.library_path() != _build.EXPORT_DIR / "build" / _build.LIBRARY_NAME and not cache.is_file():
+        pytest.skip("library not built from this checkout's export/")
+    assert _native.has_cuda(), f"{_native.library_path()} was built without its CUDA kernel although nvcc exists"
+    assert Path(_native.library_path()).is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scope", SCOPES)
+def test_cuda_kernel_matches_reference(dtype, scope):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if _native.kernel("cuda") is None:
+        pytest.skip("libarmquant_ort.so was built without the CUDA kernel")
+    gen = torch.Generator().manual_seed(5)
+    for shape in ((1, 1, 1), (2, 3, 33), (2, 7, 5000), (1, 2, 70_000)):
+        for kind in ("normal", "ties", "zeros", "nonfinite"):
+            x = data(kind, shape, dtype, gen)
+            mask = torch.rand(shape[:2], generator=gen) < 0.7
+            positions = torch.randint(0, 2**40, shape[:2], generator=gen)
+            config = ARMConfig(scope=scope, seed=99)
+            got = _native.kernel("cuda")(x.cuda(), mask.cuda(), positions.cuda(), config).cpu()
+            assert_same_bits(got, arm_reference(x, mask, positions, config))

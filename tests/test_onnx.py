@@ -1,0 +1,265 @@
+"""ONNX export of a tiny ARM Llama: parity with PyTorch, optimum loading, ORT quantization, errors.
+
+One export per module (it takes tens of seconds); the real model is in the `slow` test below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import bundled_available, tiny_model
+
+from armquant import onnx as aox
+from armquant.models import FAMILIES, ARMModelConfig, apply_arm, arm_enabled, set_arm_seed
+
+TOLERANCE = 1e-4  # relative, float32
+
+
+def arm_model(family: str = "llama"):
+    model = tiny_model(family)
+    return apply_arm(model, ARMModelConfig.preset(FAMILIES[family]))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = arm_model()
+    out = tmp_path_factory.mktemp("onnx") / "tiny"
+    aox.export(model, out)
+    return model, out
+
+
+def has_library() -> bool:
+    return aox.library_path(aox.LIBRARY_AUTO) is not None
+
+
+def test_export_writes_one_arm_node_per_site_and_the_function(exported):
+    model, out = exported
+    proto = onnx.load(str(out / aox.MODEL_FILE))
+    nodes = aox.arm_nodes(proto)
+    assert len(nodes) == 1
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    config = model.arm_config.arm
+    assert attrs["share"] == config.share.encode() and attrs["scope"] == config.scope.encode()
+    assert attrs["seed"] == config.seed and attrs["c"] == pytest.approx(config.c)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    # mask and positions are wired from the graph inputs, not constants.
+    for name, graph_input in zip(nodes[0].input[1:], ("attention_mask", "position_ids")):
+        seen, frontier = set(), [name]
+        while frontier:
+            current = frontier.pop()
+            seen.add(current)
+            if current in producers:
+                frontier += [i for i in producers[current].input if i and i not in seen]
+        assert graph_input in seen, f"ARM input {name} does not depend on {graph_input}"
+    assert [(f.domain, f.name) for f in proto.functions] == [("armquant", "ARM")]
+    assert ("armquant", 1) in [(o.domain, o.version) for o in proto.opset_import]
+    onnx.checker.check_model(str(out / aox.MODEL_FILE), full_check=True)
+    names = [i.name for i in proto.graph.input]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names[3:] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert [o.name for o in proto.graph.output] == ["logits"] + [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    for name in ("config.json", "generation_config.json", "arm_config.json", aox.INFO_FILE):
+        assert (out / name).is_file(), name
+
+
+@pytest.mark.parametrize("library", [
+    "none",
+    pytest.param("auto", marks=pytest.mark.skipif(not has_library(), reason="the ARM custom-op library is not built")),
+])
+def test_ort_logits_match_pytorch(exported, library):
+    model, out = exported
+    results = aox.parity(model, out, library=library, prompt_len=8, decode_steps=3)
+    assert set(results) == {"prefill", "decode_with_past", "batch_padded"}
+    for case, error in results.items():
+        assert error <= TOLERANCE, f"{case}: relative error {error:.2e} > {TOLERANCE}"
+
+
+def test_parity_is_not_vacuous_arm_changes_logits(exported):
+    model, out = exported
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), arm_enabled(model, False):
+        plain = model(ids).logits.numpy()
+    ort_logits = aox.ort_logits_fn(out, library="none")(ids).numpy()
+    assert np.abs(ort_logits - plain).max() / np.abs(plain).max() > 100 * TOLERANCE
+
+
+def test_session_seed_and_arm_off_follow_pytorch(exported):
+    model, out = exported
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), arm_enabled(model, False):
+        plain = model(ids).logits
+    off = aox.ort_logits_fn(out, library="none", arm=False)(ids)
+    assert (off - plain).abs().max() / plain.abs().max() <= TOLERANCE
+    set_arm_seed(model, 7)
+    try:
+        with torch.no_grad():
+            seeded = model(ids).logits
+    finally:
+        set_arm_seed(model, 0)
+    ort_seeded = aox.ort_logits_fn(out, library="none", seed=7)(ids)
+    assert (ort_seeded - seeded).abs().max() / seeded.abs().max() <= TOLERANCE
+    assert not torch.equal(ort_seeded, aox.ort_logits_fn(out, library="none")(ids))
+
+
+def test_library_and_function_agree(exported):
+    if not has_library():
+        pytest.skip("the ARM custom-op library is not built: only the function fallback can run")
+    _, out = exported
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    with_library = aox.ort_logits_fn(out, library="auto")(ids)
+    with_function = aox.ort_logits_fn(out, library="none")(ids)
+    assert torch.equal(with_library, with_function)
+
+
+def test_ort_perplexity_matches_pytorch(exported):
+    model, out = exported
+    windows = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(3))
+    logits_fn = aox.ort_logits_fn(out, library="none")
+
+    def nll(logits, ids):
+        return torch.nn.functional.cross_entropy(logits[0, :-1].double(), ids[0, 1:], reduction="sum").item()
+
+    with torch.no_grad():
+        torch_nll = sum(nll(model(w[None]).logits, w[None]) for w in windows)
+    ort_nll = sum(nll(logits_fn(w[None]), w[None]) for w in windows)
+    assert ort_nll == pytest.approx(torch_nll, rel=1e-3 / 32)  # perplexity within 0.1%
+
+
+def test_ort_evaluate_reports_like_evaluate(exported):
+    from armquant.evaluate import evaluate
+
+    model, out = exported
+    windows = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(6))
+    ort_report = aox.ort_evaluate(out, windows, seeds=(0, 1), library="none", progress=False)
+    try:
+        torch_report = evaluate(model, windows, seeds=(0, 1), progress=False)
+    finally:
+        set_arm_seed(model, 0)  # evaluate leaves the last seed set; the export has seed 0
+    assert [(r["arm"], r["seed"]) for r in ort_report["rows"]] == [(r["arm"], r["seed"]) for r in torch_report["rows"]]
+    for ort_row, torch_row in zip(ort_report["rows"], torch_report["rows"]):
+        assert ort_row["perplexity"] == pytest.approx(torch_row["perplexity"], rel=1e-3)
+    assert ort_report["rows"][1]["perplexity"] != ort_report["rows"][2]["perplexity"]  # seeds differ
+
+
+def test_optimum_loads_and_generates_like_pytorch(exported):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model, out = exported
+    ort_model = ORTModelForCausalLM.from_pretrained(out, session_options=aox.session_options("none"),
+                                                    provider="CPUExecutionProvider")
+    assert ort_model.use_cache
+    ids = torch.tensor([[1, 2, 3, 4, 5], [0, 0, 7, 8, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    generated = ort_model.generate(**kwargs)
+    assert generated.shape == (2, 11)
+    assert torch.equal(generated, model.generate(**kwargs))
+
+
+@pytest.mark.parametrize("scheme,block_size,op", [("int4", 32, "MatMulNBits"), ("int4", 128, "MatMulNBits"),
+                                                   ("int8", 128, "MatMulInteger")])
+def test_ort_quantization_keeps_arm(exported, tmp_path, scheme, block_size, op):
+    model, out = exported
+    quantized = aox.quantize_onnx(out, tmp_path / scheme, scheme, block_size=block_size)
+    proto = onnx.load(str(quantized / aox.MODEL_FILE))
+    assert len(aox.arm_nodes(proto)) == 1
+    assert [(f.domain, f.name) for f in proto.functions] == [("armquant", "ARM")]
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count(op) == 2 * 7 + 1  # q k v o gate up down per layer, and lm_head
+    if op == "MatMulNBits":
+        attrs = {a.name: a.i for n in proto.graph.node if n.op_type == op for a in n.attribute}
+        assert attrs["block_size"] == block_size and attrs["accuracy_level"] == 4
+    onnx.checker.check_model(proto, full_check=True)
+    info = json.loads((quantized / aox.INFO_FILE).read_text())
+    assert info["quantization"]["scheme"] == scheme
+    # Still close to float32 (4-bit weights in a random tiny model: loose bound).
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(4))
+    q_logits = aox.ort_logits_fn(quantized, library="none")(ids)
+    f_logits = aox.ort_logits_fn(out, library="none")(ids)
+    assert torch.isfinite(q_logits).all()
+    assert (q_logits - f_logits).abs().max() / f_logits.abs().max() < 0.5
+    assert not torch.equal(q_logits, f_logits)
+
+
+# --- Bad input ----------------------------------------------------------------------------
+
+
+def test_export_refuses_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).eval()
+    with pytest.raises(ValueError, match="cannot export model type 'gpt2'"):
+        aox.export(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_existing_directory(exported, tmp_path):
+    model, _ = exported
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        aox.export(model, tmp_path / "out")
+
+
+def test_failed_export_leaves_nothing_behind(exported, tmp_path, monkeypatch):
+    model, out = exported
+    proto = onnx.load(str(out / aox.MODEL_FILE))
+    monkeypatch.setattr(aox, "_to_onnx", lambda m: proto)
+
+    def disk_full(*args):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(aox, "_save_proto", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        aox.export(model, tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_library_path_is_a_clear_error(exported, tmp_path):
+    _, out = exported
+    with pytest.raises(FileNotFoundError, match="no ARM custom-op library at .*library='none'"):
+        aox.session(out, library=str(tmp_path / "libarmquant_ort.so"))
+
+
+def test_session_on_a_folder_without_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="armquant export"):
+        aox.session(tmp_path)
+
+
+def test_cli_export_refuses_existing_directory_before_loading(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    aox.add_cli(parser.add_subparsers())
+    (tmp_path / "out").mkdir()
+    args = parser.parse_args(["export", "no-such-model", str(tmp_path / "out")])
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        args.handler(args)
+
+
+# --- The bundled model ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_bundled_model_parity_and_perplexity(tmp_path, corpus_dir):
+    if not bundled_available():
+        pytest.skip("the bundled SmolLM2-135M is not installed")
+    from armquant import models
+
+    model, tokenizer = models.load("smollm2-135m")
+    out = aox.export(model, tmp_path / "smollm2", tokenizer)
+    results = aox.parity(model, out, library="auto", prompt_len=32, decode_steps=4)
+    for case, error in results.items():
+        assert error <= TOLERANCE, f"{case}: relative error {error:.2e}"
+    from armquant.data import load_texts, token_windows
+    from armquant.evaluate import perplexity
+
+    windows = token_windows(tokenizer, load_texts("sotu", split="evaluation"), 512, max_windows=4)
+    torch_ppl = perplexity(model, windows, progress=False)["perplexity"]
+    ort_ppl = perplexity(aox.ort_logits_fn(out), windows, progress=False)["perplexity"]
+    assert ort_ppl == pytest.approx(torch_ppl, rel=1e-3)
