@@ -11,6 +11,7 @@ from armquant.arm import ARM, ARMConfig, PRESETS, arm, arm_reference
 # Functions named like their modules are bound eagerly, so the function wins over the submodule.
 from armquant.calibrate import calibrate
 from armquant.evaluate import evaluate, perplexity
+from armquant import quantize  # a callable module: armquant.quantize(model, scheme); .load_quantized etc.
 
 __version__ = "0.1.0"
 
@@ -24,9 +25,13 @@ _LAZY = {
     "Engine": "armquant.generate",
     "SamplingParams": "armquant.generate",
     "ort_library_path": "armquant._native",  # the ONNX Runtime custom-op library (op ARM)
+    "W8A16": "armquant.quantize",
+    "W4A16": "armquant.quantize",
+    "W8A8": "armquant.quantize",
+    "BnB": "armquant.quantize",
 }
 
-__all__ = ["ARM", "ARMConfig", "PRESETS", "arm", "arm_reference", "calibrate", "evaluate", "perplexity", *_LAZY]
+__all__ = ["ARM", "ARMConfig", "PRESETS", "arm", "arm_reference", "calibrate", "evaluate", "perplexity", "quantize", *_LAZY]
 
 
 def __getattr__(name):

@@ -15,6 +15,8 @@ COMMAND_MODULES = [
     "armquant.models",  # convert, info
     "armquant.evaluate",  # eval
     "armquant.calibrate",  # calibrate
+    "armquant.quantize",  # quantize
+    "armquant.compare",  # compare
     "armquant.generate",  # generate
     "armquant.serve",  # serve
     "armquant.onnx",  # export, ort-quantize, parity
