@@ -11,7 +11,7 @@ from armquant.arm import ARM, ARMConfig, PRESETS, arm, arm_reference
 # Functions named like their modules are bound eagerly, so the function wins over the submodule.
 from armquant.calibrate import calibrate
 from armquant.evaluate import evaluate, perplexity
-from armquant import quantize  # a callable module: armquant.quantize(model, scheme); .load_quantized etc.
+from armquant.quantize import quantize
 
 __version__ = "0.1.0"
 

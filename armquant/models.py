@@ -359,9 +359,9 @@ def load(source: str | os.PathLike, arm=None, layers=None, dtype: torch.dtype = 
                 "folder with config.json; convert a GGUF first with `armquant convert`"
             )
         if (path / "quantization_config.json").exists() or (path / "armquant_quant.json").exists():
-            from armquant import quantize  # quantized checkpoints carry their own loader
+            from armquant.quantize import load_quantized  # quantized checkpoints carry their own loader
 
-            return quantize.load_quantized(path, arm=arm, layers=layers, device=device)
+            return load_quantized(path, arm=arm, layers=layers, device=device)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         if (path / ARM_CONFIG_FILE).is_file():
@@ -375,6 +375,10 @@ def load(source: str | os.PathLike, arm=None, layers=None, dtype: torch.dtype = 
 
 def save(model: nn.Module, tokenizer, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a safetensors checkpoint, tokenizer and ARM configuration atomically."""
+    if getattr(model, "quantization_scheme", None) is not None:
+        from armquant.quantize import save_quantized  # packed integers need their own format
+
+        return save_quantized(model, tokenizer, path, overwrite=overwrite)
     arm_config = getattr(model, "arm_config", None)
     with atomic_dir(path, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

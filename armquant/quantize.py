@@ -28,9 +28,7 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -668,7 +666,7 @@ def _smoothing_pairs(layer: nn.Module, model_type: str):
     mlp_norm = "pre_feedforward_layernorm" if model_type == "gemma3_text" else "post_attention_layernorm"
     offset = 1.0 if model_type == "gemma3_text" else 0.0  # Gemma's RMSNorm scales by (1 + weight)
     return [
-        (f"input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], offset),
+        ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], offset),
         (mlp_norm, ["mlp.gate_proj", "mlp.up_proj"], offset),
         ("mlp.up_proj", ["mlp.down_proj"], 0.0),
     ]
@@ -1057,14 +1055,3 @@ def add_cli(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     add_arm_arguments(p)
     p.set_defaults(handler=_cmd_quantize)
-
-
-class _CallableModule(types.ModuleType):
-    """`armquant.quantize` is both this module and the verb: `armquant.quantize(model, scheme)`
-    calls quantize(), while `armquant.quantize.load_quantized` and friends stay reachable."""
-
-    def __call__(self, model, scheme, data=None, progress=False):
-        return quantize(model, scheme, data=data, progress=progress)
-
-
-sys.modules[__name__].__class__ = _CallableModule
