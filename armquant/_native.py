@@ -39,8 +39,8 @@ _MASK_NONE, _MASK_BOOL, _MASK_INT64 = 0, 1, 2
 _SCOPES = {"tensor": 0, "sequence": 1, "token": 2}
 
 
-class _Attrs(ctypes.Structure):
-    """armq_attrs of arm_kernel.h."""
+class KernelAttrs(ctypes.Structure):
+    """armq_attrs of export/include/arm_kernel.h, for every ctypes caller of the kernels."""
 
     _fields_ = [
         ("c", ctypes.c_float), ("p1", ctypes.c_float), ("k", ctypes.c_float),
@@ -50,7 +50,7 @@ class _Attrs(ctypes.Structure):
     ]
 
     @classmethod
-    def of(cls, config: ARMConfig) -> "_Attrs":
+    def of(cls, config: ARMConfig) -> "KernelAttrs":
         return cls(
             config.c, config.p1, config.k, config.pmin, config.pmax, config.kappa,
             int(config.share == "fixed"), int(config.percentile_of == "abs"), _SCOPES[config.scope], config.seed,
@@ -98,14 +98,14 @@ def _library() -> Optional[ctypes.CDLL]:
         return None
     forward_args = [
         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(_Attrs),
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(KernelAttrs),
     ]
     lib.armq_cpu_forward.argtypes = forward_args + [ctypes.c_int]
     lib.armq_cpu_forward.restype = ctypes.c_int
     lib.armq_cuda_forward.argtypes = forward_args + [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.armq_cuda_forward.restype = ctypes.c_int
     lib.armq_cuda_workspace_bytes.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                              ctypes.POINTER(_Attrs)]
+                                              ctypes.POINTER(KernelAttrs)]
     lib.armq_cuda_workspace_bytes.restype = ctypes.c_size_t
     lib.armq_has_cuda.restype = ctypes.c_int
     lib.armq_error_string.argtypes = [ctypes.c_int]
@@ -163,7 +163,7 @@ def _cpu_kernel(lib: ctypes.CDLL) -> Callable:
     def run(x, mask, positions, config: ARMConfig) -> torch.Tensor:
         x, mask, mask_type, positions, B, S, I = _prepare(x, mask, positions)
         y = torch.empty_like(x)
-        attrs = _Attrs.of(config)
+        attrs = KernelAttrs.of(config)
         code = lib.armq_cpu_forward(
             _DTYPES[x.dtype], _pointer(x), _pointer(y), B, S, I, _pointer(mask), mask_type, _pointer(positions),
             ctypes.byref(attrs), torch.get_num_threads(),
@@ -178,7 +178,7 @@ def _cuda_kernel(lib: ctypes.CDLL) -> Callable:
     def run(x, mask, positions, config: ARMConfig) -> torch.Tensor:
         x, mask, mask_type, positions, B, S, I = _prepare(x, mask, positions)
         y = torch.empty_like(x)
-        attrs = _Attrs.of(config)
+        attrs = KernelAttrs.of(config)
         dtype = _DTYPES[x.dtype]
         nbytes = lib.armq_cuda_workspace_bytes(dtype, B, S, I, ctypes.byref(attrs))
         workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device)

@@ -28,6 +28,7 @@ from published_arm import published_arm  # noqa: E402
 from armquant._io import write_json  # noqa: E402
 from armquant._provenance import provenance  # noqa: E402
 from armquant.arm import PRESETS, ARMConfig, arm_reference  # noqa: E402
+from armquant._native import KernelAttrs  # noqa: E402
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 SCOPES = {"tensor": 0, "sequence": 1, "token": 2}
@@ -39,18 +40,7 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
 
 
-class Attrs(ctypes.Structure):  # armq_attrs in export/include/arm_kernel.h
-    _fields_ = [
-        ("c", ctypes.c_float), ("p1", ctypes.c_float), ("k", ctypes.c_float),
-        ("pmin", ctypes.c_float), ("pmax", ctypes.c_float), ("kappa", ctypes.c_float),
-        ("share_fixed", ctypes.c_int32), ("percentile_abs", ctypes.c_int32),
-        ("scope", ctypes.c_int32), ("seed", ctypes.c_uint64),
-    ]
-
-
-def attrs_of(config: ARMConfig) -> Attrs:
-    return Attrs(config.c, config.p1, config.k, config.pmin, config.pmax, config.kappa,
-                 config.share == "fixed", config.percentile_of == "abs", SCOPES[config.scope], config.seed)
+attrs_of = KernelAttrs.of
 
 
 class CudaARM:
@@ -62,11 +52,11 @@ class CudaARM:
             raise RuntimeError(f"{path} carries no CUDA kernel (armq_has_cuda() != 1); build it with nvcc")
         lib.armq_cuda_workspace_bytes.restype = ctypes.c_size_t
         lib.armq_cuda_workspace_bytes.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                                  ctypes.POINTER(Attrs)]
+                                                  ctypes.POINTER(KernelAttrs)]
         lib.armq_cuda_forward.restype = ctypes.c_int
         lib.armq_cuda_forward.argtypes = [
             ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-            ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(Attrs), ctypes.c_void_p,
+            ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(KernelAttrs), ctypes.c_void_p,
             ctypes.c_size_t, ctypes.c_void_p]
         self.error_string = getattr(lib, "armq_error_string", None)
         if self.error_string is not None:

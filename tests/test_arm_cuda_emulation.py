@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from armquant.arm import PRESETS, ARMConfig, arm_reference
+from armquant._native import KernelAttrs
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "export" / "cuda" / "arm_cuda_emulate.cpp"
@@ -27,18 +28,7 @@ SCOPES = {"tensor": 0, "sequence": 1, "token": 2}
 RADIX, HIST16 = 1, 2
 
 
-class Attrs(ctypes.Structure):  # armq_attrs in export/include/arm_kernel.h
-    _fields_ = [
-        ("c", ctypes.c_float), ("p1", ctypes.c_float), ("k", ctypes.c_float),
-        ("pmin", ctypes.c_float), ("pmax", ctypes.c_float), ("kappa", ctypes.c_float),
-        ("share_fixed", ctypes.c_int32), ("percentile_abs", ctypes.c_int32),
-        ("scope", ctypes.c_int32), ("seed", ctypes.c_uint64),
-    ]
-
-
-def attrs_of(config: ARMConfig) -> Attrs:
-    return Attrs(config.c, config.p1, config.k, config.pmin, config.pmax, config.kappa,
-                 config.share == "fixed", config.percentile_of == "abs", SCOPES[config.scope], config.seed)
+attrs_of = KernelAttrs.of
 
 
 @pytest.fixture(scope="module")
