@@ -706,33 +706,23 @@ TABLE_METRICS = ("absmax", "p99_9", "crest", "kurtosis", "near_zero", "sqnr_int8
 
 
 def format_table(report: dict, layers=None, sites=None) -> str:
-    """Per layer and site: each metric off -> on (change)."""
-    if report["arm"] is None:
-        header = ["layer", "site", *TABLE_METRICS]
-        rows = []
-        for entry in report["layers"]:
-            if layers is not None and entry["layer"] not in layers:
-                continue
-            for site, sides in entry["sites"].items():
-                if sites is None or site in sites:
-                    rows.append([str(entry["layer"]), site, *(_fmt(_metric(sides["off"], m), m) for m in TABLE_METRICS)])
-        title = "ARM off only (the model carries no ARM layer)"
-    else:
-        header = ["layer", "site", *TABLE_METRICS]
-        rows = []
-        for entry in report["layers"]:
-            if layers is not None and entry["layer"] not in layers:
-                continue
-            for site, sides in entry["sites"].items():
-                if sites is not None and site not in sites:
-                    continue
-                cells = []
-                for m in TABLE_METRICS:
-                    a, b = _metric(sides["off"], m), _metric(sides["on"], m)
-                    cells.append(f"{_fmt(a, m)} -> {_fmt(b, m)} ({_fmt_change(_change(a, b, m), m)})")
-                rows.append([f"{entry['layer']}{'*' if entry['arm'] else ''}", site, *cells])
-        title = "ARM off -> on (change); * marks ARM layers"
-    header = [h.replace("sqnr_", "SQNR ") for h in header]
+    """Per layer and site: each metric off -> on (change), or off alone for a model without ARM."""
+    has_arm = report["arm"] is not None
+
+    def cell(sides: dict, m: str) -> str:
+        a = _metric(sides["off"], m)
+        if not has_arm:
+            return _fmt(a, m)
+        b = _metric(sides["on"], m)
+        return f"{_fmt(a, m)} -> {_fmt(b, m)} ({_fmt_change(_change(a, b, m), m)})"
+
+    rows = [
+        [f"{entry['layer']}{'*' if has_arm and entry['arm'] else ''}", site, *(cell(sides, m) for m in TABLE_METRICS)]
+        for entry in report["layers"] if layers is None or entry["layer"] in layers
+        for site, sides in entry["sites"].items() if sites is None or site in sites
+    ]
+    title = "ARM off -> on (change); * marks ARM layers" if has_arm else "ARM off only (the model carries no ARM layer)"
+    header = [h.replace("sqnr_", "SQNR ") for h in ["layer", "site", *TABLE_METRICS]]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
