@@ -109,28 +109,28 @@ struct Float32 {
   static float from_skey(uint32_t k) { return float_of(k ^ ((k & 0x80000000u) ? 0x80000000u : 0xffffffffu)); }
 };
 
-struct Float16 {
+// Order-preserving keys of a 16-bit sign-magnitude float, shared by float16 and bfloat16;
+// Self supplies value(Raw).
+template <class Self>
+struct SignMagnitude16 {
   using Raw = uint16_t;
   static constexpr bool kExactHigh = true;
+  static uint32_t akey(Raw r) { return r & 0x7fffu; }
+  static uint32_t skey(Raw r) { return r ^ ((r & 0x8000u) ? 0xffffu : 0x8000u); }
+  static float from_akey(uint32_t k) { return Self::value(static_cast<Raw>(k)); }
+  static float from_skey(uint32_t k) { return Self::value(static_cast<Raw>(k ^ ((k & 0x8000u) ? 0x8000u : 0xffffu))); }
+};
+
+struct Float16 : SignMagnitude16<Float16> {
   static float value(Raw r) { return half_table()[r]; }
   static Raw raw_of(float v) { return half_from_float(v); }
   static bool finite(Raw r) { return (r & 0x7c00u) != 0x7c00u; }
-  static uint32_t akey(Raw r) { return r & 0x7fffu; }
-  static uint32_t skey(Raw r) { return r ^ ((r & 0x8000u) ? 0xffffu : 0x8000u); }
-  static float from_akey(uint32_t k) { return value(static_cast<Raw>(k)); }
-  static float from_skey(uint32_t k) { return value(static_cast<Raw>(k ^ ((k & 0x8000u) ? 0x8000u : 0xffffu))); }
 };
 
-struct BFloat16 {
-  using Raw = uint16_t;
-  static constexpr bool kExactHigh = true;
+struct BFloat16 : SignMagnitude16<BFloat16> {
   static float value(Raw r) { return float_of(static_cast<uint32_t>(r) << 16); }
   static Raw raw_of(float v) { return bfloat_from_float(v); }
   static bool finite(Raw r) { return (r & 0x7f80u) != 0x7f80u; }
-  static uint32_t akey(Raw r) { return r & 0x7fffu; }
-  static uint32_t skey(Raw r) { return r ^ ((r & 0x8000u) ? 0xffffu : 0x8000u); }
-  static float from_akey(uint32_t k) { return value(static_cast<Raw>(k)); }
-  static float from_skey(uint32_t k) { return value(static_cast<Raw>(k ^ ((k & 0x8000u) ? 0x8000u : 0xffffu))); }
 };
 
 // ---- the parts of the spec shared by both strategies -----------------------------------
