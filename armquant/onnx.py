@@ -333,6 +333,47 @@ def export_arm_config(model_dir: str | os.PathLike) -> dict:
 SCHEMES = ("int4", "int8")
 
 
+def untie_transposed_weights(proto: onnx.ModelProto) -> int:
+    """Give each MatMul whose weight is `Transpose(initializer)` its own transposed initializer.
+
+    A tied LM head exports as MatMul(h, Transpose(embedding)), which ONNX Runtime's quantizers
+    skip because the weight is not a constant; on SmolLM2 that head is a fifth of all weights
+    and would stay float32 in an INT4 model. The embedding's Gather keeps the original table.
+    Returns how many MatMuls were rewritten.
+    """
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in proto.graph.initializer}
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    consumers: dict[str, int] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    rewritten, unused = 0, []
+    for node in proto.graph.node:
+        if node.op_type != "MatMul" or node.input[1] in initializers:
+            continue
+        transpose = producer.get(node.input[1])
+        if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in initializers:
+            continue
+        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), [1, 0])
+        if perm != [1, 0]:
+            continue
+        name = transpose.input[0] + ".T"
+        if name not in initializers:
+            weight = numpy_helper.to_array(initializers[transpose.input[0]])
+            initializers[name] = numpy_helper.from_array(np.ascontiguousarray(weight.T), name)
+            proto.graph.initializer.append(initializers[name])
+        consumers[node.input[1]] -= 1
+        if consumers[node.input[1]] == 0:
+            unused.append(transpose)
+        node.input[1] = name
+        rewritten += 1
+    for transpose in unused:
+        proto.graph.node.remove(transpose)
+    return rewritten
+
+
 def quantize_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, scheme: str = "int4",
                   block_size: int = 128, accuracy_level: int = 4, overwrite: bool = False,
                   source_name: Optional[str] = None) -> Path:
@@ -359,21 +400,26 @@ def quantize_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sche
         for item in model_dir.iterdir():
             if item.name not in (MODEL_FILE, MODEL_FILE + "_data", INFO_FILE) and item.is_file():
                 shutil.copy2(item, tmp / item.name)
+        proto = onnx.load(str(source))
+        untie_transposed_weights(proto)
         if scheme == "int4":
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-            quantizer = MatMulNBitsQuantizer(str(source), bits=4, block_size=block_size, is_symmetric=True,
+            quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=block_size, is_symmetric=True,
                                              accuracy_level=accuracy_level)
             quantizer.process()
             proto = quantizer.model.model
         else:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            staged = tmp / ("staged-" + MODEL_FILE)
-            quantize_dynamic(str(source), str(staged), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+            staged_in, staged_out = tmp / ("staged-in-" + MODEL_FILE), tmp / ("staged-" + MODEL_FILE)
+            onnx.save_model(proto, str(staged_in), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=staged_in.name + "_data")
+            quantize_dynamic(str(staged_in), str(staged_out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                              extra_options={"MatMulConstBOnly": True})
-            proto = onnx.load(str(staged))
-            staged.unlink()
+            proto = onnx.load(str(staged_out))
+            for staged in tmp.glob("staged-*"):
+                staged.unlink()
         embed_arm_function(proto)  # re-embed: the tools may drop or rewrite model-local functions
         if len(arm_nodes(proto)) != n_arm:
             raise RuntimeError(f"quantization changed the ARM nodes: {n_arm} before, {len(arm_nodes(proto))} after")

@@ -187,6 +187,40 @@ def test_ort_quantization_keeps_arm(exported, tmp_path, scheme, block_size, op):
     assert not torch.equal(q_logits, f_logits)
 
 
+def tied_head_graph(folder):
+    """embedding Gather + LM head MatMul(h, Transpose(embedding)): how a tied head exports."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["embed", "input_ids"], ["h"]),
+         helper.make_node("Transpose", ["embed"], ["embed_t"], perm=[1, 0]),
+         helper.make_node("MatMul", ["h", "embed_t"], ["logits"])],
+        "tied", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "S"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "S", 64])],
+        [numpy_helper.from_array(table, "embed")],
+    )
+    folder.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(folder / aox.MODEL_FILE))
+    return table
+
+
+@pytest.mark.parametrize("scheme,op", [("int4", "MatMulNBits"), ("int8", "MatMulInteger")])
+def test_ort_quantization_covers_a_tied_lm_head(tmp_path, scheme, op):
+    import onnxruntime as ort
+
+    table = tied_head_graph(tmp_path / "fp32")
+    quantized = aox.quantize_onnx(tmp_path / "fp32", tmp_path / scheme, scheme, block_size=32)
+    proto = onnx.load(str(quantized / aox.MODEL_FILE))
+    assert [n.op_type for n in proto.graph.node].count(op) == 1
+    assert "Transpose" not in [n.op_type for n in proto.graph.node]
+    ids = np.array([[3, 17, 60]], np.int64)
+    logits = ort.InferenceSession(str(quantized / aox.MODEL_FILE)).run(None, {"input_ids": ids})[0]
+    expect = table[ids] @ table.T
+    assert np.abs(logits - expect).max() / np.abs(expect).max() < 0.1
+    assert not np.array_equal(logits, expect)
+
+
 # --- Bad input ----------------------------------------------------------------------------
 
 
