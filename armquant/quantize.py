@@ -103,12 +103,17 @@ class W8A16(_Scheme):
 
 @dataclass(frozen=True)
 class W4A16(_Scheme):
-    """INT4 weights per group of input columns, by round-to-nearest ("rtn") or GPTQ ("gptq")."""
+    """INT4 weights per group of input columns, by round-to-nearest ("rtn") or GPTQ ("gptq").
+
+    act_order (GPTQ only): quantize columns by decreasing Hessian diagonal, with the groups kept
+    in storage order ("static" act-order, llm-compressor's default). None means on for GPTQ: on
+    SmolLM2-135M it doubles the share of RTN's perplexity gap that GPTQ closes (RESULTS.md).
+    """
 
     group_size: int = 128
     symmetric: bool = False
     method: str = "rtn"
-    act_order: bool = False
+    act_order: Optional[bool] = None
     damp: float = 0.01
 
     name = "w4a16"
@@ -122,6 +127,8 @@ class W4A16(_Scheme):
             raise ValueError(f"method={self.method!r} must be 'rtn' or 'gptq'")
         if self.act_order and self.method != "gptq":
             raise ValueError("act_order=True only applies to method='gptq'")
+        if self.act_order is None:
+            object.__setattr__(self, "act_order", self.method == "gptq")
         if not 0.0 < self.damp < 1.0:
             raise ValueError(f"damp={self.damp} must lie in (0, 1) (a fraction of the Hessian's mean diagonal)")
 
@@ -1000,10 +1007,12 @@ def _scheme_from_args(args):
     scheme = scheme_from_name(args.scheme)
     overrides = {
         "group_size": args.group_size, "symmetric": args.symmetric, "method": args.method,
-        "act_order": args.act_order or None, "activations": args.activations,
+        "act_order": args.act_order, "activations": args.activations,
         "smoothquant_alpha": args.smoothquant_alpha,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "method" in overrides and "act_order" not in overrides and "act_order" in {f.name for f in dataclasses.fields(scheme)}:
+        overrides["act_order"] = None  # the new method's default, not the named scheme's
     fields = {f.name for f in dataclasses.fields(scheme)}
     bad = sorted(set(overrides) - fields)
     if bad:
@@ -1046,7 +1055,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--group-size", type=int, help="W4A16: input columns per scale (32, 64, 128)")
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None, help="W4A16: symmetric grid")
     p.add_argument("--method", choices=["rtn", "gptq"], help="W4A16: round-to-nearest or GPTQ")
-    p.add_argument("--act-order", action="store_true", help="W4A16 GPTQ: columns by decreasing Hessian diagonal")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="W4A16 GPTQ: columns by decreasing Hessian diagonal (default: on for GPTQ)")
     p.add_argument("--activations", choices=["dynamic", "static"], help="W8A8: per-token or calibrated per-tensor scales")
     p.add_argument("--smoothquant-alpha", type=float, help="W8A8: SmoothQuant strength (0.5 is usual)")
     p.add_argument("--calib-data", default="sotu:calibration", help="calibration text (default: %(default)s)")

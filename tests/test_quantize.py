@@ -244,6 +244,7 @@ def test_invalid_configs():
         W4A16(method="gptx")
     with pytest.raises(ValueError, match="act_order=True only applies"):
         W4A16(act_order=True)
+    assert W4A16().act_order is False and W4A16(method="gptq").act_order is True
     with pytest.raises(ValueError, match="smoothquant_alpha"):
         W8A8(smoothquant_alpha=1.5)
     with pytest.raises(ValueError, match="kind='int4'"):
@@ -342,7 +343,10 @@ def test_command_line_scheme_options():
 
     parse = lambda *a: build_parser().parse_args(["quantize", "m", "out", *a])  # noqa: E731
     assert _scheme_from_args(parse("--scheme", "w4a16-g128-rtn", "--group-size", "64", "--symmetric")) == W4A16(64, True)
-    assert _scheme_from_args(parse("--scheme", "w4a16-g128-gptq", "--act-order")) == W4A16(method="gptq", act_order=True)
+    assert _scheme_from_args(parse("--scheme", "w4a16-g128-gptq")) == W4A16(method="gptq", act_order=True)
+    assert _scheme_from_args(parse("--scheme", "w4a16-g128-gptq", "--no-act-order")) == W4A16(method="gptq", act_order=False)
+    assert _scheme_from_args(parse("--scheme", "w4a16-g128-gptq", "--method", "rtn")) == W4A16(method="rtn")
+    assert _scheme_from_args(parse("--scheme", "w4a16-g128-rtn", "--method", "gptq")).act_order is True
     assert _scheme_from_args(parse("--scheme", "w8a8", "--smoothquant-alpha", "0.8")) == W8A8(smoothquant_alpha=0.8)
     with pytest.raises(ValueError, match="scheme w8a16 takes no --group-size"):
         _scheme_from_args(parse("--scheme", "w8a16", "--group-size", "64"))
