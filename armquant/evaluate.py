@@ -81,8 +81,8 @@ def format_table(report: dict) -> str:
         seed = "-" if r["seed"] is None else str(r["seed"])
         lines.append(f"| {'on' if r['arm'] else 'off'} | {seed} | {r['perplexity']:.4f} | {r['tokens']} | {r['seconds']:.1f} |")
     s = report["summary"]
-    if "arm_on_mean" in s:
-        n = sum(r["arm"] for r in report["rows"])
+    n = sum(r["arm"] for r in report["rows"])
+    if n > 1:  # one seed has no spread to show
         lines.append(f"| on | mean ± std ({n} seeds) | {s['arm_on_mean']:.4f} ± {s['arm_on_std']:.4f} | | |")
     return "\n".join(lines)
 
