@@ -6,7 +6,8 @@ not yet quantized through the inverse Hessian's Cholesky factor. Nothing here kn
 `armquant.quantize` adds the hooks and calls these.
 
 The integer grid is the one of `armquant.quantize.group_qparams` (4-bit, per group, symmetric
-or asymmetric), so a GPTQ result packs into the same checkpoint layout as round-to-nearest.
+or asymmetric), so a GPTQ result packs into the same checkpoint layout as round-to-nearest;
+with act-order it adds `g_idx`, the group of each input column.
 """
 
 from __future__ import annotations
@@ -41,15 +42,16 @@ def gptq(
     act_order: bool = False,
     damp: float = 0.01,
     bits: int = 4,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize `weight` [N, K] given the Hessian [K, K] of its inputs.
 
-    Returns (codes [N, K] uint8 in [0, 2**bits), scale [N, K // group_size], zero [N, K // group_size]),
-    with weight ~ (codes - zero) * scale per group of `group_size` consecutive input columns.
+    Returns (codes [N, K] uint8 in [0, 2**bits), scale [N, G], zero [N, G], g_idx), G = K // group_size,
+    with weight[:, j] ~ (codes[:, j] - zero[:, g]) * scale[:, g] for g = g_idx[j].
 
-    act_order: quantize columns in order of decreasing Hessian diagonal (most important first).
-    Groups stay the contiguous column ranges of the stored layout ("static groups"): their scales
-    come from the unquantized weight, so the checkpoint needs no column permutation index.
+    act_order: quantize columns in order of decreasing Hessian diagonal (most important first), and
+    form the groups in that order, each group's grid set from the weights as updated when the group
+    starts (GPTQ's desc_act); g_idx [K] (int32) then says which group each column belongs to.
+    Without act_order the groups are consecutive columns and g_idx is None.
     """
     from armquant.quantize import group_qparams, quantize_codes
 
@@ -63,22 +65,15 @@ def gptq(
     dead = torch.diag(H) == 0  # inputs never seen active: their weights cannot matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-
-    n_groups = k // group_size
-    scale = torch.empty(n_out, n_groups)
-    zero = torch.empty(n_out, n_groups)
-    if act_order:
-        for g in range(n_groups):  # static groups, from the weight before any error feedback
-            scale[:, g], zero[:, g] = group_qparams(W[:, g * group_size:(g + 1) * group_size], bits, symmetric)
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-    else:
-        perm = torch.arange(k)
-    group_of = perm // group_size  # group of the column at each position of the processing order
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
 
     H += torch.eye(k) * (damp * torch.mean(torch.diag(H)))
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
+    n_groups = k // group_size
+    scale = torch.empty(n_out, n_groups)
+    zero = torch.empty(n_out, n_groups)
     codes = torch.zeros(n_out, k, dtype=torch.uint8)
     block = group_size * max(1, -(-128 // group_size))  # a whole number of groups per block
     for i1 in range(0, k, block):
@@ -87,18 +82,19 @@ def gptq(
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            g = int(group_of[col])
-            if not act_order and col % group_size == 0:
-                # Groups in natural order: scales from the weight as updated so far (the block holds whole groups).
+            g = (i1 + i) // group_size
+            if (i1 + i) % group_size == 0:
+                # The group's grid from its weights as updated so far (the block holds whole groups).
                 scale[:, g], zero[:, g] = group_qparams(W1[:, i:i + group_size], bits, symmetric)
             w = W1[:, i]
             q = quantize_codes(w, scale[:, g], zero[:, g], bits)
-            codes[:, col] = q.to(torch.uint8)
+            codes[:, i1 + i] = q.to(torch.uint8)
             err = (w - _dequantize(q, scale[:, g], zero[:, g])) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    if act_order:
-        codes = codes[:, torch.argsort(perm)]
-    return codes, scale, zero
+    if not act_order:
+        return codes, scale, zero, None
+    inverse = torch.argsort(perm)
+    g_idx = (torch.arange(k) // group_size)[inverse].to(torch.int32)
+    return codes[:, inverse], scale, zero, g_idx

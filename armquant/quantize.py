@@ -105,9 +105,10 @@ class W8A16(_Scheme):
 class W4A16(_Scheme):
     """INT4 weights per group of input columns, by round-to-nearest ("rtn") or GPTQ ("gptq").
 
-    act_order (GPTQ only): quantize columns by decreasing Hessian diagonal, with the groups kept
-    in storage order ("static" act-order, llm-compressor's default). None means on for GPTQ: on
-    SmolLM2-135M it doubles the share of RTN's perplexity gap that GPTQ closes (RESULTS.md).
+    act_order (GPTQ only): quantize columns by decreasing Hessian diagonal and form the groups in
+    that order (GPTQ's desc_act); the checkpoint then holds `g_idx`, each column's group. None
+    means on for GPTQ: on SmolLM2-135M it more than doubles the share of RTN's perplexity gap
+    that GPTQ closes (RESULTS.md).
     """
 
     group_size: int = 128
@@ -292,10 +293,16 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-def dequantize_int4(packed, scale, zero, dtype=torch.float32, in_features: Optional[int] = None) -> torch.Tensor:
-    """packed [N, Kp/2], scale/zero [N, G] -> weight [N, in_features] (padding columns dropped)."""
+def dequantize_int4(packed, scale, zero, dtype=torch.float32, in_features: Optional[int] = None,
+                    g_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """packed [N, Kp/2], scale/zero [N, G] -> weight [N, in_features] (padding columns dropped).
+    g_idx [Kp]: the group of each column (GPTQ act-order); None: groups of consecutive columns."""
     codes = unpack_int4(packed)
     n, k = codes.shape
+    if g_idx is not None:
+        g_idx = g_idx.long()
+        w = (codes.to(dtype) - zero.to(dtype)[:, g_idx]) * scale.to(dtype)[:, g_idx]
+        return w[:, : in_features or k]
     g = k // scale.shape[1]
     w = (codes.reshape(n, -1, g).to(dtype) - zero.to(dtype).unsqueeze(2)) * scale.to(dtype).unsqueeze(2)
     return w.reshape(n, k)[:, : in_features or k]
@@ -360,7 +367,7 @@ class Int4WeightLinear(QuantizedLinear):
 
     kind = "int4_weight"
 
-    def __init__(self, in_features, out_features, bias, group_size: int):
+    def __init__(self, in_features, out_features, bias, group_size: int, act_order: bool = False):
         super().__init__(in_features, out_features, bias)
         self.group_size = group_size
         width = padded_width(in_features, group_size)
@@ -368,11 +375,15 @@ class Int4WeightLinear(QuantizedLinear):
         self.register_buffer("qweight", torch.empty(out_features, width // 2, dtype=torch.uint8))
         self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.float16))
         self.register_buffer("zero", torch.empty(out_features, groups, dtype=torch.uint8))
+        # GPTQ act-order: the group of each (padded) input column; otherwise groups are consecutive.
+        self.register_buffer("g_idx", torch.empty(width, dtype=torch.int32) if act_order else None)
 
     @classmethod
-    def from_codes(cls, linear: nn.Linear, codes, scale, zero, group_size):
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
+    def from_codes(cls, linear: nn.Linear, codes, scale, zero, group_size, g_idx=None):
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, g_idx is not None)
         m.qweight, m.scale, m.zero = pack_int4(codes), scale.half(), zero.to(torch.uint8)
+        if g_idx is not None:
+            m.g_idx = g_idx.to(torch.int32)
         m._set_bias(linear)
         return m
 
@@ -382,7 +393,7 @@ class Int4WeightLinear(QuantizedLinear):
         return cls.from_codes(linear, codes, scale, zero, scheme.group_size)
 
     def dequantized_weight(self, dtype=torch.float32):
-        return dequantize_int4(self.qweight, self.scale, self.zero, dtype, self.in_features)
+        return dequantize_int4(self.qweight, self.scale, self.zero, dtype, self.in_features, self.g_idx)
 
     def forward(self, x):
         return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -530,7 +541,7 @@ def _empty_module(kind: str, in_features: int, out_features: int, bias: bool, sc
     """The module of `kind` with uninitialized buffers, ready for load_state_dict(assign=True)."""
     cls = MODULES[kind]
     if cls is Int4WeightLinear:
-        return cls(in_features, out_features, bias, scheme.group_size)
+        return cls(in_features, out_features, bias, scheme.group_size, scheme.act_order)
     if cls is Int8DynamicLinear:
         return cls(in_features, out_features, bias, static=scheme.activations == "static")
     if cls is BnB4bitLinear:
@@ -790,11 +801,11 @@ def _gptq_model(model, scheme: W4A16, windows: torch.Tensor, progress: bool) -> 
                 width = padded_width(linear.in_features, scheme.group_size)
                 hessian = F.pad(hessians[name][0], (0, width - linear.in_features, 0, width - linear.in_features))
                 with _one_thread():
-                    codes, scale, zero = gptq(  # padding columns: zero weight, zero Hessian, so they stay 0
+                    codes, scale, zero, g_idx = gptq(  # padding columns: zero weight, zero Hessian, so they stay 0
                         pad_columns(linear.weight, width), hessian, scheme.group_size, scheme.symmetric,
                         scheme.act_order, scheme.damp,
                     )
-                _set_module(layer, name, Int4WeightLinear.from_codes(linear, codes, scale, zero, scheme.group_size))
+                _set_module(layer, name, Int4WeightLinear.from_codes(linear, codes, scale, zero, scheme.group_size, g_idx))
             del hessians
             outputs = run_layer(layer, i)
             captured[:] = [(h, kw, a) for h, (_, kw, a) in zip(outputs, captured)]

@@ -15,8 +15,8 @@ def _correlated_inputs(n=2048, k=128, seed=0):
     return latent @ mix + 0.05 * torch.randn(n, k, generator=g)  # [n, K], strongly correlated columns
 
 
-def _output_error(x, w, codes, scale, zero):
-    w_hat = dequantize_int4(pack_int4(codes), scale, zero)
+def _output_error(x, w, codes, scale, zero, g_idx=None):
+    w_hat = dequantize_int4(pack_int4(codes), scale, zero, g_idx=g_idx)
     return ((x @ w.t() - x @ w_hat.t()) ** 2).mean().item()
 
 
@@ -43,10 +43,29 @@ def test_gptq_beats_rtn_with_correlated_inputs(symmetric, act_order):
 def test_gptq_codes_lie_on_the_grid_and_shapes_match_the_layout():
     w = torch.randn(8, 64)
     h, _ = accumulate_hessian(torch.zeros(64, 64), 0, torch.randn(100, 64))
-    codes, scale, zero = gptq(w, h, 16, symmetric=False, act_order=True)
+    codes, scale, zero, g_idx = gptq(w, h, 16, symmetric=False, act_order=False)
+    assert g_idx is None
+    codes, scale, zero, g_idx = gptq(w, h, 16, symmetric=False, act_order=True)
     assert codes.dtype == torch.uint8 and codes.shape == (8, 64) and int(codes.max()) <= 15
     assert scale.shape == zero.shape == (8, 4)
     assert torch.equal(zero, zero.round()) and float(zero.min()) >= 0 and float(zero.max()) <= 15
+    # act-order: every group holds group_size columns, formed by decreasing Hessian diagonal.
+    assert g_idx.dtype == torch.int32 and torch.equal(torch.bincount(g_idx.long()), torch.full((4,), 16))
+    order = torch.argsort(torch.diag(h), descending=True)
+    assert torch.equal(g_idx[order].long(), torch.arange(64) // 16)
+
+
+def test_act_order_groups_follow_the_hessian_not_the_storage_order():
+    # Important inputs scattered over the columns: act-order gathers them into the same groups,
+    # which only a per-column group index (g_idx) can express.
+    x = _correlated_inputs(k=64) * torch.linspace(0.1, 3.0, 64)[torch.randperm(64, generator=torch.Generator().manual_seed(2))]
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(5))
+    h, _ = accumulate_hessian(torch.zeros(64, 64), 0, x)
+    codes, scale, zero, g_idx = gptq(w, h, 16, symmetric=False, act_order=True)
+    assert not torch.equal(g_idx.long(), torch.arange(64) // 16)
+    w_hat = dequantize_int4(pack_int4(codes), scale, zero, g_idx=g_idx)
+    consecutive = dequantize_int4(pack_int4(codes), scale, zero)  # ignoring g_idx reads other grids
+    assert (w_hat - w).abs().max() < (consecutive - w).abs().max()
 
 
 def test_gptq_rejects_mismatched_shapes():
