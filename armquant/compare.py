@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # The table users ask for. INT4 uses group 128: the bundled SmolLM2 weights came from GGUF Q4_1
 # (asymmetric, group 32), which INT4 asym g32 would reproduce exactly and so flatter it.
-DEFAULT_SCHEMES = ["fp32", "w8a16", "w8a8", "w8a8-sq", "w4a16-g128-rtn", "w4a16-g128-gptq", "nf4"]
+DEFAULT_SCHEMES = ["fp32", "w8a16", "w8a16-gptq", "w8a8", "w8a8-sq", "w4a16-g128-rtn", "w4a16-g128-gptq", "nf4"]
 
 
 def _linear_bytes(model: nn.Module) -> tuple[int, int]:

@@ -75,7 +75,10 @@ def gptq(
     scale = torch.empty(n_out, n_groups)
     zero = torch.empty(n_out, n_groups)
     codes = torch.zeros(n_out, k, dtype=torch.uint8)
-    block = group_size * max(1, -(-128 // group_size))  # a whole number of groups per block
+    one_group = group_size == k  # per channel: one grid per row, set before any correction
+    if one_group:
+        scale[:, 0], zero[:, 0] = group_qparams(W, bits, symmetric)
+    block = 128 if one_group else group_size * max(1, -(-128 // group_size))  # whole groups per block
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         W1 = W[:, i1:i2].clone()
@@ -83,7 +86,7 @@ def gptq(
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             g = (i1 + i) // group_size
-            if (i1 + i) % group_size == 0:
+            if (i1 + i) % group_size == 0 and not one_group:
                 # The group's grid from its weights as updated so far (the block holds whole groups).
                 scale[:, g], zero[:, g] = group_qparams(W1[:, i:i + group_size], bits, symmetric)
             w = W1[:, i]

@@ -93,12 +93,32 @@ class _Scheme:
         return self.name + "(" + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items()) + ")"
 
 
+def _check_weight_method(scheme) -> None:
+    """Validate method / act_order / damp of a weight-only scheme; act_order None -> on for GPTQ."""
+    if scheme.method not in ("rtn", "gptq"):
+        raise ValueError(f"method={scheme.method!r} must be 'rtn' or 'gptq'")
+    if scheme.act_order and scheme.method != "gptq":
+        raise ValueError("act_order=True only applies to method='gptq'")
+    if scheme.act_order is None:
+        object.__setattr__(scheme, "act_order", scheme.method == "gptq")
+    if not 0.0 < scheme.damp < 1.0:
+        raise ValueError(f"damp={scheme.damp} must lie in (0, 1) (a fraction of the Hessian's mean diagonal)")
+
+
 @dataclass(frozen=True)
 class W8A16(_Scheme):
-    """INT8 weights, symmetric, one scale per output channel; activations stay in floating point."""
+    """INT8 weights, symmetric, one scale per output channel; activations stay in floating point.
+    By round-to-nearest ("rtn") or GPTQ ("gptq", calibration data; act_order as in W4A16)."""
+
+    method: str = "rtn"
+    act_order: Optional[bool] = None
+    damp: float = 0.01
 
     name = "w8a16"
     weight_granularity = PerChannel()
+
+    def __post_init__(self):
+        _check_weight_method(self)
 
 
 @dataclass(frozen=True)
@@ -124,14 +144,7 @@ class W4A16(_Scheme):
             raise ValueError(f"group_size={self.group_size!r} must be an integer >= 2 (32, 64 and 128 are usual)")
         if self.group_size % 2:
             raise ValueError(f"group_size={self.group_size} must be even: two 4-bit values share a byte")
-        if self.method not in ("rtn", "gptq"):
-            raise ValueError(f"method={self.method!r} must be 'rtn' or 'gptq'")
-        if self.act_order and self.method != "gptq":
-            raise ValueError("act_order=True only applies to method='gptq'")
-        if self.act_order is None:
-            object.__setattr__(self, "act_order", self.method == "gptq")
-        if not 0.0 < self.damp < 1.0:
-            raise ValueError(f"damp={self.damp} must lie in (0, 1) (a fraction of the Hessian's mean diagonal)")
+        _check_weight_method(self)
 
     @property
     def weight_granularity(self) -> PerGroup:
@@ -198,6 +211,7 @@ def scheme_from_dict(data: dict):
 # Short names for the command line and the comparison table.
 NAMED = {
     "w8a16": W8A16(),
+    "w8a16-gptq": W8A16(method="gptq"),
     "w4a16-g128-rtn": W4A16(group_size=128, method="rtn"),
     "w4a16-g128-gptq": W4A16(group_size=128, method="gptq"),
     "w4a16-g64-rtn": W4A16(group_size=64, method="rtn"),
@@ -345,11 +359,15 @@ class Int8WeightLinear(QuantizedLinear):
         self.register_buffer("scale", torch.empty(out_features))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme, **_):
+    def from_codes(cls, linear: nn.Linear, codes, scale):
         m = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        m.weight, m.scale = int8_per_channel(linear.weight)
+        m.weight, m.scale = codes, scale.float()
         m._set_bias(linear)
         return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme, **_):
+        return cls.from_codes(linear, *int8_per_channel(linear.weight))
 
     def forward(self, x):
         # CPU's int8-weight kernel (gpt-fast's path) wins for a few rows (decoding) but is far
@@ -661,7 +679,10 @@ def _swap_all(model, scheme, cls, per_name=None):
 
 @_handles(W8A16)
 def _quantize_w8a16(model, scheme: W8A16, data, progress):
-    _swap_all(model, scheme, Int8WeightLinear)
+    if scheme.method == "rtn":
+        _swap_all(model, scheme, Int8WeightLinear)
+    else:
+        _gptq_model(model, scheme, _check_windows(data, "GPTQ"), progress)
 
 
 @_handles(BnB)
@@ -745,13 +766,29 @@ class _StopForward(Exception):
     pass
 
 
-def _gptq_model(model, scheme: W4A16, windows: torch.Tensor, progress: bool) -> None:
+def _gptq_linear(linear: nn.Linear, hessian: torch.Tensor, scheme) -> nn.Module:
+    """The quantized module of `linear` by GPTQ with its input Hessian, in the scheme's layout."""
+    from armquant.gptq import gptq
+
+    if isinstance(scheme, W8A16):
+        # One group per row on the symmetric 8-bit grid: codes - 128 are the int8 codes (-128..127).
+        codes, scale, _, _ = gptq(linear.weight, hessian, linear.in_features, True, scheme.act_order, scheme.damp, bits=8)
+        return Int8WeightLinear.from_codes(linear, (codes.to(torch.int16) - 128).to(torch.int8), scale[:, 0])
+    width = padded_width(linear.in_features, scheme.group_size)
+    hessian = F.pad(hessian, (0, width - linear.in_features, 0, width - linear.in_features))
+    codes, scale, zero, g_idx = gptq(  # padding columns: zero weight, zero Hessian, so they stay 0
+        pad_columns(linear.weight, width), hessian, scheme.group_size, scheme.symmetric, scheme.act_order, scheme.damp,
+    )
+    return Int4WeightLinear.from_codes(linear, codes, scale, zero, scheme.group_size, g_idx)
+
+
+def _gptq_model(model, scheme, windows: torch.Tensor, progress: bool) -> None:
     """Sequential GPTQ: capture the first decoder layer's inputs, then for each layer accumulate
     its linears' Hessians (hooks), quantize them, and run the quantized layer to make the next
     layer's inputs, so each layer sees the error of those before it."""
     from tqdm import tqdm
 
-    from armquant.gptq import accumulate_hessian, gptq
+    from armquant.gptq import accumulate_hessian
 
     layers = _decoder_layers(model)
     context = _arm_context(model)
@@ -798,14 +835,8 @@ def _gptq_model(model, scheme: W4A16, windows: torch.Tensor, progress: bool) -> 
             with forward_hooks(linears, accumulate):
                 run_layer(layer, i)
             for name, linear in linears.items():
-                width = padded_width(linear.in_features, scheme.group_size)
-                hessian = F.pad(hessians[name][0], (0, width - linear.in_features, 0, width - linear.in_features))
                 with _one_thread():
-                    codes, scale, zero, g_idx = gptq(  # padding columns: zero weight, zero Hessian, so they stay 0
-                        pad_columns(linear.weight, width), hessian, scheme.group_size, scheme.symmetric,
-                        scheme.act_order, scheme.damp,
-                    )
-                _set_module(layer, name, Int4WeightLinear.from_codes(linear, codes, scale, zero, scheme.group_size, g_idx))
+                    _set_module(layer, name, _gptq_linear(linear, hessians[name][0], scheme))
             del hessians
             outputs = run_layer(layer, i)
             captured[:] = [(h, kw, a) for h, (_, kw, a) in zip(outputs, captured)]
@@ -1037,7 +1068,7 @@ def _cmd_quantize(args) -> int:
     scheme = _scheme_from_args(args)
     model, tokenizer = load_from_args(args)
     data = None
-    needs_data = (isinstance(scheme, W4A16) and scheme.method == "gptq") or (
+    needs_data = getattr(scheme, "method", None) == "gptq" or (
         isinstance(scheme, W8A8) and (scheme.activations == "static" or scheme.smoothquant_alpha is not None)
     )
     if needs_data:
@@ -1065,9 +1096,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--scheme", required=True, choices=list(NAMED), help="a named scheme; the options below adjust it")
     p.add_argument("--group-size", type=int, help="W4A16: input columns per scale (32, 64, 128)")
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None, help="W4A16: symmetric grid")
-    p.add_argument("--method", choices=["rtn", "gptq"], help="W4A16: round-to-nearest or GPTQ")
+    p.add_argument("--method", choices=["rtn", "gptq"], help="W8A16, W4A16: round-to-nearest or GPTQ")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
-                   help="W4A16 GPTQ: columns by decreasing Hessian diagonal (default: on for GPTQ)")
+                   help="GPTQ: columns by decreasing Hessian diagonal (default: on for GPTQ)")
     p.add_argument("--activations", choices=["dynamic", "static"], help="W8A8: per-token or calibrated per-tensor scales")
     p.add_argument("--smoothquant-alpha", type=float, help="W8A8: SmoothQuant strength (0.5 is usual)")
     p.add_argument("--calib-data", default="sotu:calibration", help="calibration text (default: %(default)s)")
