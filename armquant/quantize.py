@@ -677,23 +677,16 @@ def _swap_all(model, scheme, cls, per_name=None):
         _set_module(model, name, cls.from_linear(linear, scheme, **extra))
 
 
-@_handles(W8A16)
-def _quantize_w8a16(model, scheme: W8A16, data, progress):
-    if scheme.method == "rtn":
-        _swap_all(model, scheme, Int8WeightLinear)
-    else:
-        _gptq_model(model, scheme, _check_windows(data, "GPTQ"), progress)
-
-
 @_handles(BnB)
 def _quantize_bnb(model, scheme: BnB, data, progress):
     _swap_all(model, scheme, BnBInt8Linear if scheme.kind == "int8" else BnB4bitLinear)
 
 
+@_handles(W8A16)
 @_handles(W4A16)
-def _quantize_w4a16(model, scheme: W4A16, data, progress):
+def _quantize_weight_only(model, scheme, data, progress):
     if scheme.method == "rtn":
-        _swap_all(model, scheme, Int4WeightLinear)
+        _swap_all(model, scheme, Int8WeightLinear if isinstance(scheme, W8A16) else Int4WeightLinear)
     else:
         _gptq_model(model, scheme, _check_windows(data, "GPTQ"), progress)
 
