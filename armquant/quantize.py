@@ -1046,9 +1046,9 @@ def _scheme_from_args(args):
         "smoothquant_alpha": args.smoothquant_alpha,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if "method" in overrides and "act_order" not in overrides and "act_order" in {f.name for f in dataclasses.fields(scheme)}:
-        overrides["act_order"] = None  # the new method's default, not the named scheme's
     fields = {f.name for f in dataclasses.fields(scheme)}
+    if "method" in overrides and "act_order" not in overrides and "act_order" in fields:
+        overrides["act_order"] = None  # the new method's default, not the named scheme's
     bad = sorted(set(overrides) - fields)
     if bad:
         raise ValueError(f"scheme {args.scheme} takes no {', '.join('--' + b.replace('_', '-') for b in bad)}")
