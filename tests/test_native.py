@@ -214,6 +214,44 @@ def test_fuzz_parity(B, S, I, dtype, scope, share, percentile_of, c, p1, k, pmin
     check(x, mask, positions, config)
 
 
+# Large groups resolve every statistic from a histogram and the exact values of a few bins; the
+# shapes of the data decide which bins those are, so vary the data's shape more than its size.
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dtype=st.sampled_from(DTYPES), scope=st.sampled_from(["tensor", "sequence"]),
+    share=st.sampled_from(["mad", "fixed"]), percentile_of=st.sampled_from(["signed", "abs"]),
+    c=st.floats(0, 1.5), p1=st.floats(0, 100), k=st.floats(0, 4), pmin=st.floats(0, 1), pmax=st.floats(0, 1),
+    kappa=st.floats(0, 3), seed=st.integers(0, 2**63 - 1), use_mask=st.booleans(), data_seed=st.integers(0, 2**31),
+    shape_kind=st.sampled_from(["normal", "heavy", "uniform", "spikes", "octaves", "one_sided"]),
+    scale_exp=st.integers(-30, 30), levels=st.sampled_from([0, 0, 3, 64, 1000]), values=st.lists(_specials, max_size=6),
+)
+def test_fuzz_parity_large_groups(dtype, scope, share, percentile_of, c, p1, k, pmin, pmax, kappa, seed, use_mask,
+                                  data_seed, shape_kind, scale_exp, levels, values):
+    pmin, pmax = min(pmin, pmax), max(pmin, pmax)
+    config = ARMConfig(c=c, p1=p1, k=k, pmin=pmin, pmax=pmax, kappa=kappa, share=share,
+                       percentile_of=percentile_of, scope=scope, seed=seed)
+    gen = torch.Generator().manual_seed(data_seed)
+    shape = (1, 3, 50_000)  # one group of 150,000 elements: the large-group path
+    x = {
+        "normal": lambda: torch.randn(shape, generator=gen),
+        "heavy": lambda: torch.randn(shape, generator=gen) / (torch.rand(shape, generator=gen) + 1e-3),
+        "uniform": lambda: torch.rand(shape, generator=gen) * 2 - 1,
+        "spikes": lambda: torch.randint(-3, 4, shape, generator=gen).float() * 0.25
+        + torch.randn(shape, generator=gen) * (torch.rand(shape, generator=gen) < 0.1),
+        "octaves": lambda: torch.randn(shape, generator=gen) * torch.exp2(torch.randint(-20, 20, shape, generator=gen).float()),
+        "one_sided": lambda: torch.randn(shape, generator=gen).abs() + 0.5,
+    }[shape_kind]() * 2.0**scale_exp
+    if levels:  # a coarse grid: ties at every statistic
+        x = torch.round(x * levels) / levels
+    flat = x.view(-1)
+    for j, v in enumerate(values):
+        flat[(j * 7919) % flat.numel()] = v
+    x = x.to(dtype)
+    mask = (torch.rand(shape[:2], generator=gen) < 0.7) if use_mask else None
+    positions = torch.randint(0, 2**34, shape[:2], generator=gen)
+    check(x, mask, positions, config)
+
+
 # --- build and CUDA ------------------------------------------------------------------------
 
 

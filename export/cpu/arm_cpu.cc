@@ -5,12 +5,14 @@
 // adjacent ranks of the percentile pool. Two strategies, both O(N):
 //  - small groups (a token's channels): copy keys into scratch and radix-select them (11, 11, 10 bits);
 //    groups are spread across threads.
-//  - large groups (a whole sequence or tensor): radix select on the float bit patterns, which
-//    order like the values. A 65536-bin histogram of the high 16 bits finds the bin holding a
-//    rank, a second pass over that bin's low 16 bits finds the value (16-bit dtypes are exact
-//    after the first level). Every pass reads x in place and is split across threads.
+//  - large groups (a whole sequence or tensor): a 65536-bin histogram of the high 16 bits of
+//    the float bit patterns (which order like the values), then the exact values of the few
+//    bins the statistics fall in, gathered in one more pass (16-bit dtypes need none: each
+//    bin is one value). Each pass reads x in place and is split across threads.
 // Selection takes all a < t plus the first (n - count(a < t)) elements with a == t in flat
-// order, where t is the rank n-1 value of a: the spec's (a, flat index) order.
+// order, where t is the rank n-1 value of a: the spec's (a, flat index) order. The moves
+// are queued per token and their Philox words drawn eight at a time (AVX2 where the CPU has
+// it, chosen at run time; the integer arithmetic is the same either way).
 //
 // Bit exactness: build with -ffp-contract=off (no fused multiply-add), float math in float32,
 // the share and percentile in double, exactly in the spec's evaluation order.
@@ -20,12 +22,19 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <new>
 #include <numeric>
+#include <stdexcept>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "arm_internal.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #ifdef __linux__
 #include <sched.h>
@@ -95,7 +104,7 @@ inline uint16_t bfloat_from_float(float value) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-// Keys are unsigned integers that order like the values: akey like |x|, skey like x.
+// akey: an unsigned integer that orders like |x|.
 // A 32-bit key splits into a high and a low 16-bit half; a 16-bit key is its own high half.
 struct Float32 {
   using Raw = uint32_t;
@@ -104,9 +113,7 @@ struct Float32 {
   static Raw raw_of(float v) { return bits_of(v); }
   static bool finite(Raw r) { return (r & 0x7f800000u) != 0x7f800000u; }
   static uint32_t akey(Raw r) { return r & 0x7fffffffu; }
-  static uint32_t skey(Raw r) { return r ^ ((r & 0x80000000u) ? 0xffffffffu : 0x80000000u); }
   static float from_akey(uint32_t k) { return float_of(k); }
-  static float from_skey(uint32_t k) { return float_of(k ^ ((k & 0x80000000u) ? 0x80000000u : 0xffffffffu)); }
 };
 
 // Order-preserving keys of a 16-bit sign-magnitude float, shared by float16 and bfloat16;
@@ -116,9 +123,7 @@ struct SignMagnitude16 {
   using Raw = uint16_t;
   static constexpr bool kExactHigh = true;
   static uint32_t akey(Raw r) { return r & 0x7fffu; }
-  static uint32_t skey(Raw r) { return r ^ ((r & 0x8000u) ? 0xffffu : 0x8000u); }
   static float from_akey(uint32_t k) { return Self::value(static_cast<Raw>(k)); }
-  static float from_skey(uint32_t k) { return Self::value(static_cast<Raw>(k ^ ((k & 0x8000u) ? 0x8000u : 0xffffu))); }
 };
 
 struct Float16 : SignMagnitude16<Float16> {
@@ -197,17 +202,110 @@ inline float epsilon(const armq_attrs& at, float mad) {
   return scaled * at.c;
 }
 
-// Step 10 for one selected element at `channel` of a token at position `pos`.
-template <class D>
-inline typename D::Raw moved_value(const Problem& p, float x, int64_t channel, int64_t pos, float q_p, float m_neg) {
-  const uint32_t w = philox4x32_10_w0(static_cast<uint32_t>(channel), static_cast<uint32_t>(pos),
-                                      static_cast<uint32_t>(static_cast<uint64_t>(pos) >> 32), 0u,
-                                      static_cast<uint32_t>(p.attrs.seed),
-                                      static_cast<uint32_t>(p.attrs.seed >> 32));
-  const float u = static_cast<float>(w >> 8) * 0x1p-24f;
-  const float y = x >= 0.0f ? (u * q_p) : -(u * m_neg);
-  return D::raw_of(y);
+// The Philox word w0 for counters (c0[j], c1, c2, 0) under one key, for j < n.
+void philox_w0_scalar(const uint32_t* c0, size_t n, uint32_t c1, uint32_t c2, uint32_t k0, uint32_t k1,
+                      uint32_t* out) {
+  for (size_t j = 0; j < n; ++j) out[j] = philox4x32_10_w0(c0[j], c1, c2, 0u, k0, k1);
 }
+
+#if defined(__x86_64__) || defined(__i386__)
+// Eight counters at a time: the selection pass moves a few percent of all elements, and the
+// scalar round function would cost more than the rest of the pass.
+__attribute__((target("avx2"))) void philox_w0_avx2(const uint32_t* c0_in, size_t n, uint32_t c1_in,
+                                                     uint32_t c2_in, uint32_t k0_in, uint32_t k1_in,
+                                                     uint32_t* out) {
+  const __m256i m0 = _mm256_set1_epi64x(0xD2511F53u), m1 = _mm256_set1_epi64x(0xCD9E8D57u);
+  size_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0_in + j));
+    __m256i c1 = _mm256_set1_epi32(static_cast<int>(c1_in)), c2 = _mm256_set1_epi32(static_cast<int>(c2_in));
+    __m256i c3 = _mm256_setzero_si256();
+    uint32_t k0 = k0_in, k1 = k1_in;
+    for (int round = 0; round < 10; ++round) {
+      if (round) {
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+      }
+      // 32 x 32 -> 64-bit products of the even lanes, then of the odd lanes.
+      const __m256i p0_even = _mm256_mul_epu32(c0, m0), p0_odd = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
+      const __m256i p1_even = _mm256_mul_epu32(c2, m1), p1_odd = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
+      const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0_even, 32), p0_odd, 0xAA);
+      const __m256i lo0 = _mm256_blend_epi32(p0_even, _mm256_slli_epi64(p0_odd, 32), 0xAA);
+      const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1_even, 32), p1_odd, 0xAA);
+      const __m256i lo1 = _mm256_blend_epi32(p1_even, _mm256_slli_epi64(p1_odd, 32), 0xAA);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      c1 = lo1;
+      c3 = lo0;
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), c0);
+  }
+  philox_w0_scalar(c0_in + j, n - j, c1_in, c2_in, k0_in, k1_in, out + j);
+}
+#endif
+
+void philox_w0_batch(const uint32_t* c0, size_t n, uint32_t c1, uint32_t c2, uint32_t k0, uint32_t k1,
+                     uint32_t* out) {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return philox_w0_avx2(c0, n, c1, c2, k0, k1, out);
+#endif
+  philox_w0_scalar(c0, n, c1, c2, k0, k1, out);
+}
+
+// Step 10, batched per token: selected elements are queued, then their words drawn together.
+template <class D>
+class Mover {
+ public:
+  Mover(const Problem& p, float q_p, float m_neg) : p_(p), q_p_(q_p), m_neg_(m_neg) {}
+
+  void start_token(int64_t token) {
+    flush();
+    base_ = token * p_.I;
+    const uint64_t pos = static_cast<uint64_t>(token_position(p_, token));
+    c1_ = static_cast<uint32_t>(pos);
+    c2_ = static_cast<uint32_t>(pos >> 32);
+  }
+  void add(int64_t element, float x) {
+    if (size_ == kBatch) flush();
+    channel_[size_] = static_cast<uint32_t>(element - base_);
+    x_[size_] = x;
+    ++size_;
+  }
+  // For vector code: room for 8 entries at channels_tail() and values_tail(); commit(k)
+  // keeps the first k written.
+  uint32_t* channels_tail() {
+    if (size_ + 8 > kBatch) flush();
+    return channel_ + size_;
+  }
+  float* values_tail() { return x_ + size_; }
+  void commit(size_t k) { size_ += k; }
+  int64_t base() const { return base_; }
+
+  void flush() {
+    if (size_ == 0) return;
+    uint32_t w[kBatch];
+    philox_w0_batch(channel_, size_, c1_, c2_, static_cast<uint32_t>(p_.attrs.seed),
+                    static_cast<uint32_t>(p_.attrs.seed >> 32), w);
+    // -(u * m_neg) == u * -m_neg exactly: rounding is symmetric in sign. Zeros count as positive.
+    const float target[2] = {q_p_, -m_neg_};
+    float moved[kBatch];
+    for (size_t j = 0; j < size_; ++j) moved[j] = (static_cast<float>(w[j] >> 8) * 0x1p-24f) * target[x_[j] < 0.0f];
+    typename D::Raw* y = static_cast<typename D::Raw*>(p_.y) + base_;
+    for (size_t j = 0; j < size_; ++j) y[channel_[j]] = D::raw_of(moved[j]);
+    size_ = 0;
+  }
+
+ private:
+  static constexpr size_t kBatch = 256;
+  const Problem& p_;
+  const float q_p_, m_neg_;
+  int64_t base_ = 0;
+  uint32_t c1_ = 0, c2_ = 0;
+  size_t size_ = 0;
+  uint32_t channel_[kBatch];
+  float x_[kBatch];
+};
 
 // The statistics of one group that the selection pass needs.
 struct Stats {
@@ -217,32 +315,119 @@ struct Stats {
   float q_p = 0, m_neg = 0;  // targets for positive and negative elements
 };
 
-// Selection and rewrite over flat elements [begin, end) of the tensor.
+#if defined(__x86_64__) || defined(__i386__)
+// For each 8-bit mask, the lanes it keeps, packed to the front: vector code compacts with it.
+struct CompressTable {
+  alignas(32) uint32_t lanes[256][8];
+  CompressTable() {
+    for (int mask = 0; mask < 256; ++mask) {
+      int k = 0;
+      for (int lane = 0; lane < 8; ++lane)
+        if (mask & (1 << lane)) lanes[mask][k++] = lane;
+      for (; k < 8; ++k) lanes[mask][k] = 0;
+    }
+  }
+};
+const CompressTable& compress_table() {
+  static const CompressTable table;
+  return table;
+}
+
+// select_token (below) for float32 with AVX2: no branch per element, the kept lanes are
+// compacted straight into the mover's queue.
+template <class M>
+__attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x, float* y, int64_t n, int64_t first,
+                                                                  float t, int64_t tie_quota, M& mover) {
+  const CompressTable& table = compress_table();
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), limit = _mm256_set1_ps(t);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const uint32_t channel0 = static_cast<uint32_t>(first - mover.base());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j), a = _mm256_and_ps(v, abs_mask);
+    _mm256_storeu_ps(y + j, v);
+    unsigned keep = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_LT_OQ)));
+    if (unsigned ties = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_EQ_OQ)))) {
+      for (; ties && tie_quota > 0; ties &= ties - 1, --tie_quota) keep |= ties & (0u - ties);
+    }
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[keep]));
+    uint32_t* channels = mover.channels_tail();
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(channels),
+                        _mm256_permutevar8x32_epi32(
+                            _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(channel0 + j)), lanes), perm));
+    _mm256_storeu_ps(mover.values_tail(), _mm256_permutevar8x32_ps(v, perm));
+    mover.commit(static_cast<size_t>(__builtin_popcount(keep)));
+  }
+  for (; j < n; ++j) {
+    y[j] = x[j];
+    const float a = std::fabs(x[j]);
+    if (a < t || (a == t && tie_quota > 0)) {
+      if (!(a < t)) --tie_quota;
+      mover.add(first + j, x[j]);
+    }
+  }
+  return tie_quota;
+}
+#endif
+
+// Copies flat elements [first, first + n) of one token from x to y and queues the selected
+// ones: a < t, and a == t while tie_quota lasts. Returns what is left of tie_quota. NaN and
+// Inf never compare below or equal to a finite t.
+template <class D>
+int64_t select_token(const typename D::Raw* x, typename D::Raw* y, int64_t n, int64_t first, float t,
+                     int64_t tie_quota, Mover<D>& mover) {
+#if defined(__x86_64__) || defined(__i386__)
+  if constexpr (std::is_same<D, Float32>::value) {
+    static const bool avx2 = __builtin_cpu_supports("avx2");
+    if (avx2)
+      return select_token_avx2(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(y), n, first, t, tie_quota,
+                               mover);
+  }
+#endif
+  std::memcpy(y, x, n * sizeof(*x));
+  constexpr int64_t kBlock = 16;  // elements tested together before the rare per-element work
+  auto consider = [&](int64_t j) {
+    const float v = D::value(x[j]);
+    const float a = std::fabs(v);
+    if (a < t || (a == t && tie_quota > 0)) {
+      if (!(a < t)) --tie_quota;
+      mover.add(first + j, v);
+    }
+  };
+  int64_t j = 0;
+  for (; j + kBlock <= n; j += kBlock) {
+    uint32_t hit = 0;
+    for (int64_t i = 0; i < kBlock; ++i) hit |= std::fabs(D::value(x[j + i])) <= t;
+    if (hit)
+      for (int64_t i = 0; i < kBlock; ++i) consider(j + i);
+  }
+  for (; j < n; ++j) consider(j);
+  return tie_quota;
+}
+
+// Copies flat elements [begin, end) to y and moves the selected ones: a < t, then the first
+// tie_quota elements with a == t in flat order. With n_valid == 0 it only copies.
 template <class D>
 void select_and_move(const Problem& p, int64_t begin, int64_t end, const Stats& st, int64_t tie_quota) {
   using Raw = typename D::Raw;
   const Raw* x = static_cast<const Raw*>(p.x);
-  Raw* y = static_cast<Raw*>(p.y);
+  if (st.n_valid == 0) {
+    std::memcpy(static_cast<Raw*>(p.y) + begin, x + begin, (end - begin) * sizeof(Raw));
+    return;
+  }
   const float t = st.threshold;
-  int64_t e = begin;
-  while (e < end) {
-    const int64_t token = e / p.I;
-    const int64_t token_end = std::min(end, (token + 1) * p.I);
+  Mover<D> mover(p, st.q_p, st.m_neg);
+  for (int64_t token = begin / p.I; token * p.I < end; ++token) {
+    const int64_t first = std::max(begin, token * p.I), stop = std::min(end, (token + 1) * p.I);
+    Raw* y = static_cast<Raw*>(p.y) + first;
     if (!token_valid(p, token)) {
-      e = token_end;
+      std::memcpy(y, x + first, (stop - first) * sizeof(Raw));
       continue;
     }
-    for (; e < token_end; ++e) {
-      const Raw r = x[e];
-      if (!D::finite(r)) continue;
-      const float v = D::value(r);
-      const float a = std::fabs(v);
-      if (a < t || (a == t && tie_quota > 0)) {
-        if (!(a < t)) --tie_quota;
-        y[e] = moved_value<D>(p, v, e - token * p.I, token_position(p, token), st.q_p, st.m_neg);
-      }
-    }
+    mover.start_token(token);
+    tie_quota = select_token<D>(x + first, y, stop - first, first, t, tie_quota, mover);
   }
+  mover.flush();
 }
 
 template <class F>
@@ -314,7 +499,6 @@ template <class D>
 void small_group(const Problem& p, int64_t begin, int64_t end, Scratch& s) {
   using Raw = typename D::Raw;
   const Raw* x = static_cast<const Raw*>(p.x);
-  std::memcpy(static_cast<Raw*>(p.y) + begin, x + begin, (end - begin) * sizeof(Raw));
   s.vals.clear();
   float x_min = INFINITY;
   for (int64_t token = begin / p.I; token * p.I < end; ++token) {
@@ -327,7 +511,7 @@ void small_group(const Problem& p, int64_t begin, int64_t end, Scratch& s) {
     }
   }
   const int64_t N = static_cast<int64_t>(s.vals.size());
-  if (N == 0) return;
+  if (N == 0) return select_and_move<D>(p, begin, end, Stats{}, 0);
   const int64_t rank = (N - 1) / 2;
   s.akeys.resize(N);
   s.keys.resize(N);
@@ -363,344 +547,545 @@ void small_group(const Problem& p, int64_t begin, int64_t end, Scratch& s) {
   select_and_move<D>(p, begin, end, st, st.tie_quota);
 }
 
-// ---- large groups: radix select with per-thread histograms ------------------------------
-
-constexpr int kBins = 65536;
-constexpr int kBlock = 16;  // elements tested together before the rare per-element work
-constexpr int64_t kMaxCandidates = int64_t{1} << 21;  // elements kept in the threshold's bin
-
-// Bin holding rank k of a histogram, and the rank left inside that bin.
-inline uint32_t bin_of_rank(const uint64_t* hist, int bins, int64_t k, int64_t* rank_in_bin) {
-  int64_t cum = 0;
-  for (int b = 0; b < bins; ++b) {
-    if (cum + static_cast<int64_t>(hist[b]) > k) {
-      *rank_in_bin = k - cum;
-      return static_cast<uint32_t>(b);
-    }
-    cum += static_cast<int64_t>(hist[b]);
+// Copies to out, in order, the x[j] (j < n) whose |x| key (float32 bits without the sign)
+// lies in one of the ranges [lo[i], hi[i]), i < ranges <= kMaxRanges; returns how many.
+// out needs room for n + 8 values.
+constexpr int kMaxRanges = 8;
+size_t keep_in_ranges_scalar(const uint32_t* x, int64_t n, const uint32_t* lo, const uint32_t* hi, int ranges,
+                             uint32_t* out) {
+  size_t kept = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t a = x[j] & 0x7fffffffu;
+    bool in = false;
+    for (int i = 0; i < ranges; ++i) in |= a >= lo[i] && a < hi[i];
+    out[kept] = x[j];
+    kept += in;
   }
-  *rank_in_bin = 0;
-  return static_cast<uint32_t>(bins - 1);  // unreachable for k < total
+  return kept;
 }
 
-// An element whose |x| falls in the threshold's bin: resolved after the selection pass.
-struct Candidate {
-  int64_t index;
-  float value;
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2,popcnt"))) size_t keep_in_ranges_avx2(const uint32_t* x, int64_t n, const uint32_t* lo,
+                                                                   const uint32_t* hi, int ranges, uint32_t* out) {
+  // Keys below 2^31 compare correctly as signed integers.
+  __m256i above[kMaxRanges], below[kMaxRanges];
+  for (int i = 0; i < ranges; ++i) {
+    above[i] = _mm256_set1_epi32(static_cast<int>(lo[i]) - 1);
+    below[i] = _mm256_set1_epi32(static_cast<int>(hi[i]));
+  }
+  const CompressTable& table = compress_table();
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+  size_t kept = 0;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j)), a = _mm256_and_si256(v, abs_mask);
+    __m256i in = _mm256_setzero_si256();
+    for (int i = 0; i < ranges; ++i)
+      in = _mm256_or_si256(in, _mm256_and_si256(_mm256_cmpgt_epi32(a, above[i]), _mm256_cmpgt_epi32(below[i], a)));
+    const unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(in)));
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept), _mm256_permutevar8x32_epi32(v, perm));
+    kept += static_cast<size_t>(__builtin_popcount(mask));
+  }
+  return kept + keep_in_ranges_scalar(x + j, n - j, lo, hi, ranges, out + kept);
+}
+#endif
+
+size_t keep_in_ranges(const uint32_t* x, int64_t n, const uint32_t* lo, const uint32_t* hi, int ranges, uint32_t* out) {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return keep_in_ranges_avx2(x, n, lo, hi, ranges, out);
+#endif
+  return keep_in_ranges_scalar(x, n, lo, hi, ranges, out);
+}
+
+// Sorts keys that share their high 16 bits, with scratch of the same size: two byte-wide
+// counting passes, which leave the result back in keys.
+void sort_low_halves(uint32_t* keys, size_t n, uint32_t* scratch) {
+  if (n < 256) return std::sort(keys, keys + n);
+  uint32_t *from = keys, *to = scratch;
+  for (int shift = 0; shift < 16; shift += 8) {
+    size_t start[257] = {0};
+    for (size_t i = 0; i < n; ++i) ++start[((from[i] >> shift) & 0xffu) + 1];
+    for (int b = 0; b < 256; ++b) start[b + 1] += start[b];
+    for (size_t i = 0; i < n; ++i) to[start[(from[i] >> shift) & 0xffu]++] = from[i];
+    std::swap(from, to);
+  }
+}
+
+// A sorted run of keys inside a pool: a bin's |x| keys, ascending.
+struct Keys {
+  const uint32_t* data = nullptr;
+  size_t count = 0;
+  const uint32_t* begin() const { return data; }
+  const uint32_t* end() const { return data + count; }
+  size_t size() const { return count; }
+  bool empty() const { return count == 0; }
+  uint32_t front() const { return data[0]; }
+  uint32_t back() const { return data[count - 1]; }
+  uint32_t operator[](size_t i) const { return data[i]; }
 };
 
-// One group too large for scratch copies. Passes over x (each split across threads, each
-// thread always taking the same contiguous chunk, so per-thread counts line up across passes):
-//   1. copy x to y; histogram of the raw high 16 bits (sign, exponent, top mantissa bits),
-//      which gives both the |x| and the signed-x histograms; N; min x.
-//   2. (float32) low 16 bits inside the bins of the median of |x| and of the percentile ranks.
-//   3. histogram of the high half of d = |a - m|.   4. low half inside the MAD's bin, and the
-//      |x| values that fall in the range of eps that this bin allows.
-//   5. select: a below the threshold's bin moves at once; a inside it is kept as a candidate
-//      (float32) and resolved afterwards, in flat order.
-// 16-bit dtypes are exact after the first level, so passes 2 and the candidates vanish.
+// ---- large groups: one histogram, the exact values of a few bins, one selection pass ------
+
+constexpr int kRawBins = 65536;  // bins of the raw high 16 bits: sign, exponent, top mantissa
+
+struct LargeGroupDBin {  // a |x| bin and bounds on its d = |a - m|
+  uint32_t a;
+  int64_t count;
+  float dmin, dmax;
+};
+
+// The histograms of LargeGroup, kept by the calling thread from call to call: fresh pages
+// of this size would cost more than the pass that fills them.
+struct LargeGroupWorkspace {
+  std::vector<uint32_t> local;               // per thread, per raw bin
+  std::vector<uint64_t> hist_raw, hist_abs;  // all threads, per raw bin and per |x| bin
+  std::vector<uint32_t> raw_bins, abs_bins;  // the non-empty bins, ascending
+  std::vector<int32_t> gathered_of_raw;      // index in LargeGroup::gathered_, or -1
+  std::vector<LargeGroupDBin> d_bins;        // scratch of mad_range
+};
+
+// One group too large for scratch copies. Passes over x, each split across threads, thread t
+// always taking the same contiguous chunk so that per-thread counts line up across passes:
+//   1. a histogram of the raw high 16 bits of every element. It orders |x| and x at bin
+//      resolution, and is exact for the 16-bit dtypes, whose bins hold one value each.
+//   2. (float32 only) gathering the values of the bins that the statistics fall in. The
+//      statistics depend on each other (m, then the MAD, eps, n and the threshold), so each
+//      is carried as a range of values: from the histogram alone the first round asks for
+//      every bin that any median inside the median's bin could lead to, typically a dozen
+//      bins and a few percent of the elements, and a second round finds every statistic
+//      exact. Rounds repeat until it does, so the bounds decide speed, never the result.
+//   3. copy x to y and move the selected elements.
 template <class D>
 class LargeGroup {
  public:
   using Raw = typename D::Raw;
 
-  LargeGroup(const Problem& p, int64_t begin, int64_t end, int threads)
-      : p_(p), x_(static_cast<const Raw*>(p.x)), begin_(begin), end_(end), threads_(threads) {}
+  LargeGroup(const Problem& p, int64_t begin, int64_t end, int threads, LargeGroupWorkspace& ws)
+      : p_(p), x_(static_cast<const Raw*>(p.x)), begin_(begin), end_(end), threads_(threads), ws_(ws) {}
 
   void run() {
-    using std::vector;
-    const size_t T = static_cast<size_t>(threads_);
-    // Pass 1: copy, and a histogram of every element's raw high half (no branch per element:
-    // the bins of NaN and Inf are dropped afterwards).
-    vector<uint32_t> raw_local(T * kBins);
-    run_threads(threads_, [&](int t) {
-      int64_t b, e;
-      chunk(t, &b, &e);
-      std::memcpy(static_cast<Raw*>(p_.y) + b, x_ + b, (e - b) * sizeof(Raw));
-      uint32_t* h = &raw_local[t * static_cast<size_t>(kBins)];
-      std::fill(h, h + kBins, 0u);
-      for_ranges(b, e, [&](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i) ++h[raw_high(x_[i])];
-      });
-      for (uint32_t r = 0; r < static_cast<uint32_t>(kBins); ++r)
-        if (!finite_bin(r)) h[r] = 0;
-    });
-    // |x| histogram (akey high, 32768 bins) and signed histogram (skey high, 65536 bins).
-    vector<uint64_t> hist_a(kBins / 2, 0), hist_s(kBins, 0);
-    for (size_t t = 0; t < T; ++t) {
-      const uint32_t* h = &raw_local[t * kBins];
-      for (uint32_t r = 0; r < static_cast<uint32_t>(kBins); ++r) {
-        hist_a[r & 0x7fffu] += h[r];
-        hist_s[r ^ ((r & 0x8000u) ? 0xffffu : 0x8000u)] += h[r];
-      }
-    }
-    const int64_t N = std::accumulate(hist_a.begin(), hist_a.end(), int64_t{0});
-    if (N == 0) return;
-    const bool signed_pool = !p_.attrs.percentile_abs;
-    const uint64_t* pool_hist = signed_pool ? hist_s.data() : hist_a.data();
-    const int pool_bins = signed_pool ? kBins : kBins / 2;
-    auto pool_value = [signed_pool](uint32_t k) { return signed_pool ? D::from_skey(k) : D::from_akey(k); };
-
-    const int64_t rank = (N - 1) / 2;
-    const PercentileRanks pr = percentile_ranks(p_.attrs, N);
-    int64_t in_m, in_lo, in_hi, in_min, unused;
-    const uint32_t bin_m = bin_of_rank(hist_a.data(), kBins / 2, rank, &in_m);
-    const uint32_t bin_lo = bin_of_rank(pool_hist, pool_bins, pr.lo_index, &in_lo);
-    const uint32_t bin_hi = bin_of_rank(pool_hist, pool_bins, pr.hi_index, &in_hi);
-    const uint32_t bin_min = bin_of_rank(hist_s.data(), kBins, 0, &in_min);
-    float m, v_lo, v_hi, x_min;
-    if (D::kExactHigh) {
-      m = D::from_akey(bin_m);
-      v_lo = pool_value(bin_lo);
-      v_hi = pool_value(bin_hi);
-      x_min = D::from_skey(bin_min);
-    } else {
-      // Pass 2: low halves inside the bins of m, the percentile ranks and min x. Blocks
-      // with none of them (nearly all) cost a few vector instructions.
-      vector<uint32_t> local(4 * T * kBins, 0);
-      run_threads(threads_, [&](int t) {
-        int64_t b, e;
-        chunk(t, &b, &e);
-        uint32_t* h = &local[4 * t * static_cast<size_t>(kBins)];
-        auto one = [&](Raw r) {
-          const uint32_t ka = D::akey(r), kp = signed_pool ? skey_of(r) : ka, ks = skey_of(r);
-          if (!D::finite(r)) return;
-          if ((ka >> 16) == bin_m) ++h[ka & 0xffffu];
-          if ((kp >> 16) == bin_lo) ++h[kBins + (kp & 0xffffu)];
-          if ((kp >> 16) == bin_hi) ++h[2 * kBins + (kp & 0xffffu)];
-          if ((ks >> 16) == bin_min) ++h[3 * kBins + (ks & 0xffffu)];
-        };
-        for_ranges(b, e, [&](int64_t lo, int64_t hi) {
-          int64_t i = lo;
-          for (; i + kBlock <= hi; i += kBlock) {
-            uint32_t hit = 0;
-            for (int j = 0; j < kBlock; ++j) {
-              const uint32_t r = x_[i + j], ka = r & 0x7fffffffu, ks = skey_of(r), kp = signed_pool ? ks : ka;
-              hit |= ((ka >> 16) == bin_m) | ((kp >> 16) == bin_lo) | ((kp >> 16) == bin_hi) | ((ks >> 16) == bin_min);
-            }
-            if (hit)
-              for (int j = 0; j < kBlock; ++j) one(x_[i + j]);
-          }
-          for (; i < hi; ++i) one(x_[i]);
-        });
-      });
-      vector<uint64_t> low(4 * kBins, 0);
-      for (size_t t = 0; t < T; ++t)
-        for (int j = 0; j < 4 * kBins; ++j) low[j] += local[4 * t * kBins + j];
-      m = D::from_akey((bin_m << 16) | bin_of_rank(&low[0], kBins, in_m, &unused));
-      v_lo = pool_value((bin_lo << 16) | bin_of_rank(&low[kBins], kBins, in_lo, &unused));
-      v_hi = pool_value((bin_hi << 16) | bin_of_rank(&low[2 * kBins], kBins, in_hi, &unused));
-      x_min = D::from_skey((bin_min << 16) | bin_of_rank(&low[3 * kBins], kBins, 0, &unused));
-    }
+    histogram();
     Stats st;
-    st.n_valid = N;
-    st.m_neg = std::fabs(x_min);
-    st.q_p = interpolate(pr, v_lo, v_hi);
-
-    // Pass 3: histogram of the high half of d = |a - m|. NaN and Inf give d = NaN or Inf,
-    // whose bins (>= 0x7f80) are dropped; a finite d never lands there.
-    vector<uint64_t> hist_d(kBins, 0);
-    {
-      vector<uint32_t> local(T * kBins, 0);
-      run_threads(threads_, [&](int t) {
-        int64_t b, e;
-        chunk(t, &b, &e);
-        uint32_t* h = &local[t * static_cast<size_t>(kBins)];
-        for_ranges(b, e, [&](int64_t lo, int64_t hi) {
-          for (int64_t i = lo; i < hi; ++i) ++h[bits_of(std::fabs(std::fabs(D::value(x_[i])) - m)) >> 16];
-        });
-      });
-      for (size_t t = 0; t < T; ++t)
-        for (int j = 0; j < 0x7f80; ++j) hist_d[j] += local[t * kBins + j];
-    }
-    int64_t in_d;
-    const uint32_t bin_d = bin_of_rank(hist_d.data(), kBins, rank, &in_d);
-    // Pass 4: the MAD, and count(a < eps) for every eps that MADs in this bin can give
-    // (eps rises with the MAD): a < eps_lo counts at once, a in [eps_lo, eps_hi] is kept.
-    const float eps_lo = epsilon(p_.attrs, float_of(bin_d << 16));
-    const float eps_hi = epsilon(p_.attrs, float_of((bin_d << 16) | 0xffffu));
-    const size_t keep_cap = static_cast<size_t>((end_ - begin_) / threads_ / 16 + 1024);
-    vector<vector<float>> kept(T);
-    for (auto& v : kept) v.reserve(keep_cap);
-    vector<int64_t> below_lo(T, 0);
-    vector<char> overflow(T, 0);
-    vector<uint64_t> low_d(kBins, 0);
-    {
-      vector<uint32_t> local(T * kBins, 0);
-      run_threads(threads_, [&](int t) {
-        int64_t b, e;
-        chunk(t, &b, &e);
-        uint32_t* h = &local[t * static_cast<size_t>(kBins)];
-        vector<float>& keep = kept[t];
-        int64_t c = 0;  // NaN and Inf never compare below eps_lo
-        bool full = false;
-        auto one = [&](Raw r) {
-          if (!D::finite(r)) return;
-          const float a = std::fabs(D::value(r));
-          const uint32_t k = bits_of(std::fabs(a - m));
-          if ((k >> 16) == bin_d) ++h[k & 0xffffu];
-          if (a >= eps_lo && a <= eps_hi) {
-            if (keep.size() < keep_cap) keep.push_back(a);
-            else full = true;
-          }
-        };
-        for_ranges(b, e, [&](int64_t lo, int64_t hi) {
-          int64_t i = lo;
-          for (; i + kBlock <= hi; i += kBlock) {
-            uint32_t hit = 0;
-            int32_t below = 0;
-            for (int j = 0; j < kBlock; ++j) {
-              const float a = std::fabs(D::value(x_[i + j]));
-              const uint32_t k = bits_of(std::fabs(a - m));
-              below += a < eps_lo;
-              hit |= ((k >> 16) == bin_d) | ((a >= eps_lo) & (a <= eps_hi));
-            }
-            c += below;
-            if (hit)
-              for (int j = 0; j < kBlock; ++j) one(x_[i + j]);
-          }
-          for (; i < hi; ++i) {
-            c += std::fabs(D::value(x_[i])) < eps_lo;
-            one(x_[i]);
-          }
-        });
-        below_lo[t] = c;
-        overflow[t] = full;
-      });
-      for (size_t t = 0; t < T; ++t)
-        for (int j = 0; j < kBins; ++j) low_d[j] += local[t * kBins + j];
-    }
-    const float mad = float_of((bin_d << 16) | bin_of_rank(low_d.data(), kBins, in_d, &unused));
-    const float eps = epsilon(p_.attrs, mad);
-    int64_t near_zero = 0;
-    if (std::find(overflow.begin(), overflow.end(), 1) == overflow.end()) {
-      for (size_t t = 0; t < T; ++t) {
-        near_zero += below_lo[t];
-        for (float a : kept[t]) near_zero += a < eps;
+    std::vector<int64_t> quota(threads_, 0);
+    if (n_valid_ > 0) {
+      std::vector<uint32_t> need;
+      while (!resolve(&st, &quota, &need)) {
+        collect(need);
+        need.clear();
       }
-    } else {  // too many values near eps to keep (e.g. many equal values): count again
-      vector<int64_t> below(T, 0);
-      run_threads(threads_, [&](int t) {
-        int64_t b, e, c = 0;
-        chunk(t, &b, &e);
-        for_ranges(b, e, [&](int64_t lo, int64_t hi) {
-          for (int64_t i = lo; i < hi; ++i) c += std::fabs(D::value(x_[i])) < eps;
-        });
-        below[t] = c;
-      });
-      for (auto c : below) near_zero += c;
     }
-    kept = vector<vector<float>>();
-
-    // The threshold t: rank n-1 of a.
-    const int64_t n = moved_count(p_.attrs, N, near_zero);
-    int64_t in_t;
-    const uint32_t bin_t = bin_of_rank(hist_a.data(), kBins / 2, n - 1, &in_t);
-    int64_t below_bin = 0;
-    for (uint32_t b = 0; b < bin_t; ++b) below_bin += static_cast<int64_t>(hist_a[b]);
-    vector<int64_t> in_bin(T);  // per thread: elements with a in the threshold's bin
-    for (size_t t = 0; t < T; ++t)
-      in_bin[t] = raw_local[t * kBins + bin_t] + raw_local[t * kBins + (bin_t | 0x8000u)];
-
-    if (D::kExactHigh) {
-      // The bin is the value: move a < t, and the first ties in flat order.
-      st.threshold = D::from_akey(bin_t);
-      st.tie_quota = n - below_bin;
-      const vector<int64_t> quota = split_quota(in_bin, st.tie_quota);
-      run_threads(threads_, [&](int t) {
-        int64_t b, e;
-        chunk(t, &b, &e);
-        select_and_move<D>(p_, b, e, st, quota[t]);
-      });
-      return;
-    }
-    const int64_t in_bin_total = std::accumulate(in_bin.begin(), in_bin.end(), int64_t{0});
-    if (in_bin_total > kMaxCandidates) {
-      // Many equal values: find t with one more histogram pass instead of keeping them.
-      vector<uint32_t> local(T * kBins, 0);
-      run_threads(threads_, [&](int t) {
-        int64_t b, e;
-        chunk(t, &b, &e);
-        uint32_t* h = &local[t * static_cast<size_t>(kBins)];
-        for_valid(b, e, [&](int64_t, Raw r) {
-          const uint32_t k = D::akey(r);
-          if ((k >> 16) == bin_t) ++h[k & 0xffffu];
-        });
-      });
-      vector<uint64_t> low_t(kBins, 0);
-      for (size_t t = 0; t < T; ++t)
-        for (int j = 0; j < kBins; ++j) low_t[j] += local[t * kBins + j];
-      const uint32_t low = bin_of_rank(low_t.data(), kBins, in_t, &unused);
-      st.threshold = D::from_akey((bin_t << 16) | low);
-      int64_t below = below_bin;
-      for (uint32_t j = 0; j < low; ++j) below += static_cast<int64_t>(low_t[j]);
-      vector<int64_t> ties(T);
-      for (size_t t = 0; t < T; ++t) ties[t] = local[t * kBins + low];
-      const vector<int64_t> quota = split_quota(ties, n - below);
-      run_threads(threads_, [&](int t) {
-        int64_t b, e;
-        chunk(t, &b, &e);
-        select_and_move<D>(p_, b, e, st, quota[t]);
-      });
-      return;
-    }
-    // Pass 5 (float32): move everything below the threshold's bin, keep the bin's elements.
-    vector<vector<Candidate>> cands(T);
-    for (size_t t = 0; t < T; ++t) cands[t].reserve(in_bin[t]);
     run_threads(threads_, [&](int t) {
       int64_t b, e;
       chunk(t, &b, &e);
-      Raw* y = static_cast<Raw*>(p_.y);
-      vector<Candidate>& mine = cands[t];
-      // NaN and Inf sit above every finite bin: no separate check.
-      for_ranges(b, e, [&](int64_t lo, int64_t hi) {
-        const int64_t token = lo / p_.I, base = token * p_.I, pos = token_position(p_, token);
-        for (int64_t i = lo; i < hi; ++i) {
-          const Raw r = x_[i];
-          const uint32_t hb = D::akey(r) >> 16;
-          if (hb > bin_t) continue;
-          if (hb < bin_t) y[i] = moved_value<D>(p_, D::value(r), i - base, pos, st.q_p, st.m_neg);
-          else mine.push_back({i, D::value(r)});
-        }
-      });
-    });
-    // The threshold inside its bin, then the candidates in flat order.
-    vector<float> values;
-    values.reserve(static_cast<size_t>(in_bin_total));
-    for (auto& c : cands)
-      for (auto& cand : c) values.push_back(std::fabs(cand.value));
-    std::nth_element(values.begin(), values.begin() + in_t, values.end());
-    st.threshold = values[in_t];
-    int64_t below = below_bin;
-    for (float a : values) below += a < st.threshold;
-    vector<int64_t> ties(T, 0);
-    for (size_t t = 0; t < T; ++t)
-      for (auto& cand : cands[t]) ties[t] += std::fabs(cand.value) == st.threshold;
-    const vector<int64_t> quota = split_quota(ties, n - below);
-    run_threads(threads_, [&](int t) {
-      Raw* y = static_cast<Raw*>(p_.y);
-      int64_t left = quota[t];
-      for (auto& cand : cands[t]) {
-        const float a = std::fabs(cand.value);
-        if (a < st.threshold || (a == st.threshold && left-- > 0)) {
-          const int64_t token = cand.index / p_.I;
-          y[cand.index] = moved_value<D>(p_, cand.value, cand.index - token * p_.I, token_position(p_, token), st.q_p,
-                                         st.m_neg);
-        }
-      }
+      select_and_move<D>(p_, b, e, st, quota[t]);
     });
   }
 
  private:
-  // Sign, exponent and top mantissa bits of the raw pattern (the whole of a 16-bit one).
+  // Bins: raw bin R (16 bits) holds the elements whose raw high half is R; |x| bin A (15
+  // bits) is raw bins A and A | 0x8000. Ascending x runs through the negative raw bins from
+  // the top down, then the positive ones.
+  static constexpr bool kPoint = D::kExactHigh;  // every bin holds one value
+  static uint32_t first_key(uint32_t bin) { return kPoint ? bin : bin << 16; }
+  static uint32_t last_key(uint32_t bin) { return kPoint ? bin : (bin << 16) | 0xffffu; }
+  static float abs_value(uint32_t akey) { return D::from_akey(akey); }
   static uint32_t raw_high(Raw r) { return D::kExactHigh ? r : static_cast<uint32_t>(r) >> 16; }
   static bool finite_bin(uint32_t high) { return D::finite(static_cast<Raw>(D::kExactHigh ? high : high << 16)); }
-  // skey without a branch (float32 only: the 16-bit dtypes never need it per element).
-  static uint32_t skey_of(uint32_t r) { return r ^ (static_cast<uint32_t>(static_cast<int32_t>(r) >> 31) | 0x80000000u); }
 
-  // Elements of valid tokens in [b, e), as contiguous ranges.
+  struct Range {  // a statistic known to lie in [lo, hi]; exact when lo == hi
+    float lo, hi;
+    bool exact() const { return lo == hi; }
+  };
+
+  // Pass 1.
+  void histogram() {
+    const size_t T = static_cast<size_t>(threads_);
+    ws_.local.resize(T * kRawBins);
+    run_threads(threads_, [&](int t) {
+      int64_t b, e;
+      chunk(t, &b, &e);
+      uint32_t* h = &ws_.local[t * static_cast<size_t>(kRawBins)];
+      std::fill(h, h + kRawBins, 0u);
+      for_ranges(b, e, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) ++h[raw_high(x_[i])];
+      });
+    });
+    ws_.hist_raw.resize(kRawBins);
+    ws_.hist_abs.assign(kRawBins / 2, 0);
+    ws_.raw_bins.clear();
+    ws_.abs_bins.clear();
+    for (uint32_t r = 0; r < static_cast<uint32_t>(kRawBins); ++r) {
+      uint64_t c = 0;
+      for (size_t t = 0; t < T; ++t) c += ws_.local[t * kRawBins + r];
+      if (!finite_bin(r)) {  // NaN and Inf take no part in any statistic
+        c = 0;
+        for (size_t t = 0; t < T; ++t) ws_.local[t * kRawBins + r] = 0;
+      }
+      ws_.hist_raw[r] = c;
+      ws_.hist_abs[r & 0x7fffu] += c;
+      if (c) ws_.raw_bins.push_back(r);
+    }
+    for (uint32_t a = 0; a < static_cast<uint32_t>(kRawBins / 2); ++a)
+      if (ws_.hist_abs[a]) ws_.abs_bins.push_back(a);
+    n_valid_ = std::accumulate(ws_.hist_abs.begin(), ws_.hist_abs.end(), int64_t{0});
+    ws_.gathered_of_raw.assign(kRawBins, -1);
+  }
+
+  // Every statistic of the spec, as far as the histogram and the gathered bins pin it down.
+  // Returns true with st and per-thread tie quotas filled once all are exact; else adds to
+  // need the raw bins whose values would narrow them.
+  bool resolve(Stats* st, std::vector<int64_t>* quota, std::vector<uint32_t>* need) {
+    const armq_attrs& at = p_.attrs;
+    const int64_t N = n_valid_, rank = (N - 1) / 2;
+    const Range m = rank_abs(rank, rank, need);
+    const Range mad = mad_range(m, rank, need);
+    Range eps{epsilon(at, mad.lo), epsilon(at, mad.hi)};
+    if (eps.hi < eps.lo) std::swap(eps.lo, eps.hi);
+    int64_t near_lo, near_hi;
+    count_abs_below(eps, &near_lo, &near_hi, need);
+    int64_t n_lo = moved_count(at, N, near_lo), n_hi = moved_count(at, N, near_hi);
+    if (n_hi < n_lo) std::swap(n_lo, n_hi);
+    const Range t = rank_abs(n_lo - 1, n_hi - 1, need);
+    const PercentileRanks pr = percentile_ranks(at, N);
+    const bool abs_pool = at.percentile_abs;
+    const Range v_lo = abs_pool ? rank_abs(pr.lo_index, pr.lo_index, need) : rank_signed(pr.lo_index, need);
+    const Range v_hi = abs_pool ? rank_abs(pr.hi_index, pr.hi_index, need) : rank_signed(pr.hi_index, need);
+    const Range x_min = rank_signed(0, need);
+    if (!need->empty()) return false;
+    if (!(m.exact() && mad.exact() && t.exact() && v_lo.exact() && v_hi.exact() && x_min.exact()) || n_lo != n_hi)
+      throw std::logic_error("ARM statistics left inexact with nothing more to gather");
+    st->n_valid = N;
+    st->threshold = t.lo;
+    st->q_p = interpolate(pr, v_lo.lo, v_hi.lo);
+    st->m_neg = std::fabs(x_min.lo);
+    int64_t below, unused;
+    count_abs_below({t.lo, t.lo}, &below, &unused, need);
+    st->tie_quota = n_lo - below;
+    // Ties are taken in flat order: the earliest chunks take theirs first.
+    const std::vector<int64_t> ties = ties_per_thread(t.lo);
+    int64_t left = st->tie_quota;
+    for (size_t i = 0; i < ties.size(); ++i) {
+      (*quota)[i] = std::min(ties[i], left);
+      left -= (*quota)[i];
+    }
+    return true;
+  }
+
+  // The values of ranks k1..k2 (0-based, ascending) of |x|: exact when k1 == k2 and that
+  // rank's bin is known exactly; every inexact bin among those ranks is needed.
+  Range rank_abs(int64_t k1, int64_t k2, std::vector<uint32_t>* need) {
+    Range out{0, 0};
+    int64_t cum = 0;
+    for (uint32_t a : ws_.abs_bins) {
+      const int64_t c = static_cast<int64_t>(ws_.hist_abs[a]);
+      if (cum + c > k1) {
+        const Halves ex = exact_abs(a);
+        if (!ex && !kPoint) need_abs(a, need);
+        auto value_at = [&](int64_t k, bool upper) {
+          if (kPoint) return abs_value(a);
+          if (ex) return abs_value(key_at_rank(ex, k - cum));
+          return abs_value(upper ? last_key(a) : first_key(a));
+        };
+        if (k1 >= cum) out.lo = value_at(k1, false);
+        if (k2 < cum + c) {
+          out.hi = value_at(k2, true);
+          return out;
+        }
+      }
+      cum += c;
+    }
+    throw std::logic_error("ARM rank beyond the group");
+  }
+
+  // The value of rank k (0-based, ascending) of x.
+  Range rank_signed(int64_t k, std::vector<uint32_t>* need) {
+    // Ascending x: the negative raw bins from the largest |x| down, then the positive ones.
+    const std::vector<uint32_t>& bins = ws_.raw_bins;
+    const size_t negatives = bins.end() - std::lower_bound(bins.begin(), bins.end(), 0x8000u);
+    int64_t cum = 0;
+    for (size_t i = 0; i < bins.size(); ++i) {
+      const uint32_t r = i < negatives ? bins[bins.size() - 1 - i] : bins[i - negatives];
+      const int64_t c = static_cast<int64_t>(ws_.hist_raw[r]);
+      if (cum + c <= k) {
+        cum += c;
+        continue;
+      }
+      const bool negative = r & 0x8000u;
+      const uint32_t a = r & 0x7fffu;
+      if (kPoint) {
+        const float v = negative ? -abs_value(a) : abs_value(a);
+        return {v, v};
+      }
+      const int32_t g = ws_.gathered_of_raw[r];
+      if (g < 0) {
+        need->push_back(r);
+        const float lo = abs_value(first_key(a)), hi = abs_value(last_key(a));
+        return negative ? Range{-hi, -lo} : Range{lo, hi};
+      }
+      // A negative bin's |x| keys run against x.
+      const Keys& keys = gathered_[g].keys;
+      const float v = abs_value(keys[negative ? c - 1 - (k - cum) : k - cum]);
+      return negative ? Range{-v, -v} : Range{v, v};
+    }
+    throw std::logic_error("ARM rank beyond the group");
+  }
+
+  // Bounds on count(a < v) for v in [v.lo, v.hi]: exact when v is exact and v's bin is known.
+  void count_abs_below(Range v, int64_t* lo, int64_t* hi, std::vector<uint32_t>* need) {
+    *lo = *hi = 0;
+    for (uint32_t a : ws_.abs_bins) {
+      const int64_t c = static_cast<int64_t>(ws_.hist_abs[a]);
+      if (abs_value(last_key(a)) < v.lo) {
+        *lo += c;
+        *hi += c;
+        continue;
+      }
+      if (!(abs_value(first_key(a)) < v.hi)) break;  // this bin and all above are >= v.hi
+      if (kPoint) {  // its one value lies in [v.lo, v.hi)
+        *hi += c;
+      } else if (const Halves ex = exact_abs(a)) {
+        *lo += count_below(*ex.pos, v.lo) + count_below(*ex.neg, v.lo);
+        *hi += count_below(*ex.pos, v.hi) + count_below(*ex.neg, v.hi);
+      } else {
+        *hi += c;
+        need_abs(a, need);
+      }
+    }
+  }
+  static int64_t count_below(const Keys& keys, float v) {
+    return std::partition_point(keys.begin(), keys.end(), [v](uint32_t k) { return abs_value(k) < v; }) - keys.begin();
+  }
+
+  // The MAD, rank `rank` of d = |a - m|, for m in [m.lo, m.hi]. Each bin bounds its d over
+  // its values and m's range (float rounding is monotone, so the ends give the bounds). The
+  // MAD lies between rank `rank` of the lower bounds and that of the upper bounds; with m
+  // exact and every bin straddling that bracket known exactly, a search inside it counts
+  // their d exactly. Otherwise those bins are needed.
+  using DBin = LargeGroupDBin;
+  Range mad_range(Range m, int64_t rank, std::vector<uint32_t>* need) {
+    std::vector<DBin>& bins = ws_.d_bins;
+    bins.clear();
+    size_t below_m = 0, above_m = 0;  // bins [0, below_m) lie below m's range, [above_m, end) above
+    for (uint32_t a : ws_.abs_bins) {
+      const float lo = abs_value(first_key(a)), hi = abs_value(last_key(a));
+      const int64_t count = static_cast<int64_t>(ws_.hist_abs[a]);
+      if (lo >= m.hi) {
+        bins.push_back({a, count, lo - m.hi, hi - m.lo});
+      } else if (hi <= m.lo) {
+        bins.push_back({a, count, m.lo - hi, m.hi - lo});
+        below_m = above_m = bins.size();
+      } else {
+        bins.push_back({a, count, 0.0f, std::max(hi - m.lo, m.hi - lo)});
+        above_m = bins.size();
+      }
+    }
+    const Range bracket{weighted_rank(bins, below_m, above_m, rank, [](const DBin& b) { return b.dmin; }),
+                        weighted_rank(bins, below_m, above_m, rank, [](const DBin& b) { return b.dmax; })};
+    if (bracket.exact()) return bracket;
+    int64_t below = 0;  // elements whose d lies below the bracket
+    std::vector<std::pair<const DBin*, Halves>> straddling;
+    bool countable = m.exact();
+    for (const DBin& b : bins) {
+      if (b.dmax < bracket.lo) {
+        below += b.count;
+      } else if (b.dmin <= bracket.hi) {
+        const Halves ex = b.dmin == b.dmax ? Halves{} : exact_abs(b.a);
+        if (b.dmin == b.dmax || (m.exact() && ex)) {
+          straddling.push_back({&b, ex});
+        } else {
+          countable = false;
+          if (!kPoint && !ex) need_abs(b.a, need);
+        }
+      }
+    }
+    if (!countable) return bracket;
+    auto at_most = [&](float t) {
+      int64_t total = below;
+      for (const auto& [b, ex] : straddling) {
+        if (!ex) total += b->dmax <= t ? b->count : 0;
+        else total += count_d_at_most(*ex.pos, m.lo, t) + count_d_at_most(*ex.neg, m.lo, t);
+      }
+      return total;
+    };
+    uint32_t lo = bits_of(bracket.lo), hi = bits_of(bracket.hi);  // non-negative: bits order like values
+    while (lo < hi) {
+      const uint32_t mid = lo + (hi - lo) / 2;
+      if (at_most(float_of(mid)) > rank) hi = mid;
+      else lo = mid + 1;
+    }
+    return {float_of(lo), float_of(lo)};
+  }
+  // Rank `rank` of value(b) over bins weighted by count: below m the values fall with the
+  // bin, above m they rise, so this merges two sorted runs and the few bins overlapping m.
+  template <class Value>
+  static float weighted_rank(const std::vector<DBin>& bins, size_t below_m, size_t above_m, int64_t rank,
+                             Value value) {
+    std::vector<std::pair<float, int64_t>> middle;
+    for (size_t k = below_m; k < above_m; ++k) middle.push_back({value(bins[k]), bins[k].count});
+    std::sort(middle.begin(), middle.end());
+    size_t down = below_m, up = above_m, mid = 0;
+    int64_t cum = 0;
+    for (;;) {
+      float v = std::numeric_limits<float>::infinity();
+      int64_t c = 0;
+      int from = -1;
+      if (down > 0 && value(bins[down - 1]) < v) v = value(bins[down - 1]), c = bins[down - 1].count, from = 0;
+      if (up < bins.size() && value(bins[up]) < v) v = value(bins[up]), c = bins[up].count, from = 1;
+      if (mid < middle.size() && middle[mid].first < v) v = middle[mid].first, c = middle[mid].second, from = 2;
+      if (from < 0) throw std::logic_error("ARM rank beyond the group");
+      if (from == 0) --down;
+      else if (from == 1) ++up;
+      else ++mid;
+      cum += c;
+      if (cum > rank) return v;
+    }
+  }
+
+  // Elements of an exact bin with |a - m| <= t: d falls towards m and rises beyond it.
+  static int64_t count_d_at_most(const Keys& keys, float m, float t) {
+    auto d = [m](uint32_t k) { return std::fabs(abs_value(k) - m); };
+    const auto split = std::partition_point(keys.begin(), keys.end(), [m](uint32_t k) { return abs_value(k) < m; });
+    const auto first_in = std::partition_point(keys.begin(), split, [&](uint32_t k) { return d(k) > t; });
+    const auto last_in = std::partition_point(split, keys.end(), [&](uint32_t k) { return d(k) <= t; });
+    return last_in - first_in;
+  }
+
+  void need_abs(uint32_t a, std::vector<uint32_t>* need) {
+    need->push_back(a);
+    need->push_back(a | 0x8000u);
+  }
+
+  // |x| bin a exactly, when both of its raw bins are gathered: the sorted |x| keys of its
+  // positive and of its negative elements.
+  struct Halves {
+    const Keys* pos = nullptr;
+    const Keys* neg = nullptr;
+    explicit operator bool() const { return pos != nullptr; }
+  };
+  Halves exact_abs(uint32_t a) const {
+    const int32_t pos = ws_.gathered_of_raw[a], neg = ws_.gathered_of_raw[a | 0x8000u];
+    if (pos < 0 || neg < 0) return {};
+    return {&gathered_[pos].keys, &gathered_[neg].keys};
+  }
+  // Rank k (0-based) of the two halves together.
+  static uint32_t key_at_rank(const Halves& h, int64_t k) {
+    if (h.neg->empty()) return (*h.pos)[k];
+    if (h.pos->empty()) return (*h.neg)[k];
+    uint32_t lo = std::min(h.pos->front(), h.neg->front()), hi = std::max(h.pos->back(), h.neg->back());
+    while (lo < hi) {  // the smallest key with more than k keys at or below it
+      const uint32_t mid = lo + (hi - lo) / 2;
+      const int64_t at_most = (std::upper_bound(h.pos->begin(), h.pos->end(), mid) - h.pos->begin()) +
+                              (std::upper_bound(h.neg->begin(), h.neg->end(), mid) - h.neg->begin());
+      if (at_most > k) hi = mid;
+      else lo = mid + 1;
+    }
+    return lo;
+  }
+
+  // Per thread: the elements with |x| == t (t's bin is known exactly by now).
+  std::vector<int64_t> ties_per_thread(float t) {
+    const uint32_t akey = D::akey(D::raw_of(t)), a = kPoint ? akey : akey >> 16;
+    std::vector<int64_t> ties(threads_, 0);
+    for (int i = 0; i < threads_; ++i) {
+      if (kPoint) {
+        for (uint32_t r : {a, a | 0x8000u}) ties[i] += static_cast<int64_t>(ws_.local[i * static_cast<size_t>(kRawBins) + r]);
+      } else {
+        for (const auto& staged : staged_[i])
+          for (uint32_t raw : staged) ties[i] += (raw & 0x7fffffffu) == akey;
+      }
+    }
+    return ties;
+  }
+
+  // Pass 2 (float32 only: 16-bit bins are points): the values of the needed raw bins.
+  void collect(std::vector<uint32_t> need) {
+    if constexpr (!kPoint) {
+      std::sort(need.begin(), need.end());
+      need.erase(std::unique(need.begin(), need.end()), need.end());
+      std::vector<uint16_t> slot_of_raw(kRawBins, 0);  // 1 + index among this round's bins
+      std::vector<uint32_t> fresh;                     // this round's raw bins
+      for (uint32_t r : need) {
+        if (ws_.gathered_of_raw[r] >= 0) continue;
+        if (fresh.size() == 0xffffu) break;  // the rest in a later round
+        ws_.gathered_of_raw[r] = static_cast<int32_t>(gathered_.size());
+        gathered_.push_back({});
+        fresh.push_back(r);
+        slot_of_raw[r] = static_cast<uint16_t>(fresh.size());
+      }
+      // A vector test on the bins' |x| key ranges (merged across gaps down to kMaxRanges)
+      // keeps a few elements per thread; an exact check on their bins then drops the rest.
+      std::vector<std::pair<uint32_t, uint32_t>> ranges;  // [lo, hi) of |x| keys
+      for (uint32_t r : fresh)
+        if (ws_.hist_raw[r]) ranges.push_back({first_key(r & 0x7fffu), last_key(r & 0x7fffu) + 1});
+      std::sort(ranges.begin(), ranges.end());
+      std::vector<std::pair<uint32_t, uint32_t>> merged;
+      for (const auto& r : ranges) {
+        if (!merged.empty() && r.first <= merged.back().second) merged.back().second = std::max(merged.back().second, r.second);
+        else merged.push_back(r);
+      }
+      while (merged.size() > kMaxRanges) {  // close the narrowest gap
+        size_t best = 0;
+        for (size_t i = 1; i + 1 < merged.size(); ++i)
+          if (merged[i + 1].first - merged[i].second < merged[best + 1].first - merged[best].second) best = i;
+        merged[best].second = merged[best + 1].second;
+        merged.erase(merged.begin() + best + 1);
+      }
+      uint32_t lo[kMaxRanges], hi[kMaxRanges];
+      for (size_t i = 0; i < merged.size(); ++i) lo[i] = merged[i].first, hi[i] = merged[i].second;
+      const int n_ranges = static_cast<int>(merged.size());
+      staged_.resize(threads_);
+      if (n_ranges > 0) {
+        run_threads(threads_, [&](int t) {
+          int64_t b, e;
+          chunk(t, &b, &e);
+          // Room for everything in the ranges, from this thread's histogram.
+          size_t room = 8;
+          const uint32_t* h = &ws_.local[t * static_cast<size_t>(kRawBins)];
+          for (int i = 0; i < n_ranges; ++i)
+            for (uint32_t a = lo[i] >> 16; a < hi[i] >> 16; ++a) room += h[a] + h[a | 0x8000u];
+          std::vector<uint32_t> staged(room);
+          size_t kept = 0;
+          for_ranges(b, e, [&](int64_t first, int64_t stop) {
+            kept += keep_in_ranges(reinterpret_cast<const uint32_t*>(x_ + first), stop - first, lo, hi, n_ranges,
+                                   staged.data() + kept);
+          });
+          size_t exact = 0;
+          for (size_t i = 0; i < kept; ++i) {
+            staged[exact] = staged[i];
+            exact += slot_of_raw[staged[i] >> 16] != 0;
+          }
+          staged.resize(exact);
+          staged_[t].push_back(std::move(staged));
+        });
+      }
+      // The bins' |x| keys side by side in one pool (sizes from the histogram), each sorted.
+      std::vector<size_t> offset(fresh.size() + 1, 0);
+      for (size_t j = 0; j < fresh.size(); ++j) offset[j + 1] = offset[j] + ws_.hist_raw[fresh[j]];
+      pools_.emplace_back(new uint32_t[std::max<size_t>(offset.back(), 1)]);
+      uint32_t* pool = pools_.back().get();
+      std::unique_ptr<uint32_t[]> scratch(new uint32_t[std::max<size_t>(offset.back(), 1)]);
+      run_threads(threads_, [&](int t) {  // each thread places its values after earlier threads'
+        std::vector<size_t> fill(fresh.size());
+        for (size_t j = 0; j < fresh.size(); ++j) {
+          fill[j] = offset[j];
+          for (int u = 0; u < t; ++u) fill[j] += ws_.local[u * static_cast<size_t>(kRawBins) + fresh[j]];
+        }
+        for (uint32_t raw : staged_[t].back()) pool[fill[slot_of_raw[raw >> 16] - 1]++] = raw & 0x7fffffffu;
+      });
+      run_threads(std::max(1, std::min<int>(threads_, static_cast<int>(fresh.size()))), [&](int t) {
+        const size_t workers = static_cast<size_t>(std::max(1, std::min<int>(threads_, static_cast<int>(fresh.size()))));
+        for (size_t j = t; j < fresh.size(); j += workers) {
+          sort_low_halves(pool + offset[j], offset[j + 1] - offset[j], scratch.get() + offset[j]);
+          gathered_[ws_.gathered_of_raw[fresh[j]]].keys = {pool + offset[j], offset[j + 1] - offset[j]};
+        }
+      });
+    }
+  }
+
   template <class F>
-  void for_ranges(int64_t b, int64_t e, F&& f) const {
+  void for_ranges(int64_t b, int64_t e, F&& f) const {  // elements of valid tokens, as ranges
     while (b < e) {
       const int64_t token = b / p_.I;
       const int64_t token_end = std::min(e, (token + 1) * p_.I);
@@ -709,41 +1094,26 @@ class LargeGroup {
     }
   }
 
-  // Ties are taken in flat order: the earliest chunks take theirs first.
-  static std::vector<int64_t> split_quota(const std::vector<int64_t>& ties, int64_t quota) {
-    std::vector<int64_t> out(ties.size());
-    for (size_t t = 0; t < ties.size(); ++t) {
-      out[t] = std::min(ties[t], quota);
-      quota -= out[t];
-    }
-    return out;
-  }
-
   void chunk(int t, int64_t* b, int64_t* e) const {
     const int64_t L = end_ - begin_;
     *b = begin_ + L * t / threads_;
     *e = begin_ + L * (t + 1) / threads_;
   }
 
-  template <class F>
-  void for_valid(int64_t b, int64_t e, F&& f) const {
-    while (b < e) {
-      const int64_t token = b / p_.I;
-      const int64_t token_end = std::min(e, (token + 1) * p_.I);
-      if (token_valid(p_, token)) {
-        for (int64_t i = b; i < token_end; ++i) {
-          const Raw r = x_[i];
-          if (D::finite(r)) f(i, r);
-        }
-      }
-      b = token_end;
-    }
-  }
+  struct Gathered {
+    Keys keys;  // the bin's |x| keys, ascending
+  };
+
 
   const Problem& p_;
   const Raw* x_;
   int64_t begin_, end_;
   int threads_;
+  LargeGroupWorkspace& ws_;
+  int64_t n_valid_ = 0;
+  std::vector<Gathered> gathered_;
+  std::vector<std::unique_ptr<uint32_t[]>> pools_;          // storage of the gathered keys
+  std::vector<std::vector<std::vector<uint32_t>>> staged_;  // per thread, per round: raw values gathered, in flat order
 };
 
 template <class D>
@@ -759,7 +1129,8 @@ void forward(const Problem& p, int threads) {
   threads = static_cast<int>(std::min<int64_t>(threads, useful));
   constexpr int64_t kLargeGroup = 1 << 17;
   if (group_size >= kLargeGroup) {
-    for (int64_t g = 0; g < groups; ++g) LargeGroup<D>(p, g * group_size, (g + 1) * group_size, threads).run();
+    static thread_local LargeGroupWorkspace workspace;
+    for (int64_t g = 0; g < groups; ++g) LargeGroup<D>(p, g * group_size, (g + 1) * group_size, threads, workspace).run();
     return;
   }
   const int workers = static_cast<int>(std::min<int64_t>(threads, groups));
