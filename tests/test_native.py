@@ -111,6 +111,18 @@ def test_parity_large_group_all_equal():
     check(x, config=ARMConfig(scope="tensor"))
 
 
+def test_parity_output_written_around_the_cache():
+    # Chunks of 8 MiB or more per thread are written with non-temporal stores.
+    gen = torch.Generator().manual_seed(11)
+    x = data("normal", (1, 4, 600_000), torch.float32, gen)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        check(x, config=ARMConfig(scope="tensor", seed=5))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_empty_and_degenerate_shapes():
     for shape in ((1, 0, 4), (0, 3, 4), (2, 3, 0)):
         x = torch.randn(shape)

@@ -281,23 +281,31 @@ class Mover {
   float* values_tail() { return x_ + size_; }
   void commit(size_t k) { size_ += k; }
   int64_t base() const { return base_; }
-
-  void flush() {
-    if (size_ == 0) return;
+  // For callers that write y themselves: the queue, and the new values of its entries.
+  size_t size() const { return size_; }
+  bool full_soon() const { return size_ + 8 > kBatch; }
+  uint32_t channel(size_t j) const { return channel_[j]; }
+  void clear() { size_ = 0; }
+  void draw(float* moved) const {  // room for kBatch
     uint32_t w[kBatch];
     philox_w0_batch(channel_, size_, c1_, c2_, static_cast<uint32_t>(p_.attrs.seed),
                     static_cast<uint32_t>(p_.attrs.seed >> 32), w);
     // -(u * m_neg) == u * -m_neg exactly: rounding is symmetric in sign. Zeros count as positive.
     const float target[2] = {q_p_, -m_neg_};
-    float moved[kBatch];
     for (size_t j = 0; j < size_; ++j) moved[j] = (static_cast<float>(w[j] >> 8) * 0x1p-24f) * target[x_[j] < 0.0f];
+  }
+
+  void flush() {
+    if (size_ == 0) return;
+    float moved[kBatch];
+    draw(moved);
     typename D::Raw* y = static_cast<typename D::Raw*>(p_.y) + base_;
     for (size_t j = 0; j < size_; ++j) y[channel_[j]] = D::raw_of(moved[j]);
     size_ = 0;
   }
+  static constexpr size_t kBatch = 256;
 
  private:
-  static constexpr size_t kBatch = 256;
   const Problem& p_;
   const float q_p_, m_neg_;
   int64_t base_ = 0;
@@ -333,19 +341,52 @@ const CompressTable& compress_table() {
   return table;
 }
 
-// select_token (below) for float32 with AVX2: no branch per element, the kept lanes are
-// compacted straight into the mover's queue.
+// y[from, to) = x[from, to) with the queued moves (channels relative to channel0) put in, in
+// one sweep; stream: non-temporal stores, for outputs too large to stay in cache. Empties
+// the queue.
+template <class M>
+__attribute__((target("avx2"))) void write_stretch(const float* x, float* y, int64_t from, int64_t to,
+                                                   uint32_t channel0, bool stream, M& mover) {
+  alignas(32) float moved[M::kBatch];
+  mover.draw(moved);
+  const size_t queued = mover.size();
+  size_t q = 0;
+  auto next_move = [&] {
+    return q < queued ? static_cast<int64_t>(mover.channel(q) - channel0) : std::numeric_limits<int64_t>::max();
+  };
+  int64_t k = from;
+  for (; k < to && (reinterpret_cast<uintptr_t>(y + k) & 31u); ++k) y[k] = next_move() == k ? moved[q++] : x[k];
+  for (; k + 8 <= to; k += 8) {
+    __m256 v = _mm256_loadu_ps(x + k);
+    if (next_move() < k + 8) {
+      alignas(32) float block[8];
+      _mm256_store_ps(block, v);
+      for (int64_t at; (at = next_move()) < k + 8; ++q) block[at - k] = moved[q];
+      v = _mm256_load_ps(block);
+    }
+    if (stream) _mm256_stream_ps(y + k, v);
+    else _mm256_store_ps(y + k, v);
+  }
+  for (; k < to; ++k) y[k] = next_move() == k ? moved[q++] : x[k];
+  mover.clear();
+}
+
+// select_token (below) for float32 with AVX2: no branch per element; the kept lanes are
+// compacted into the mover's queue, and each stretch of y is written once, moves included.
 template <class M>
 __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x, float* y, int64_t n, int64_t first,
-                                                                  float t, int64_t tie_quota, M& mover) {
+                                                                  float t, int64_t tie_quota, bool stream, M& mover) {
   const CompressTable& table = compress_table();
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), limit = _mm256_set1_ps(t);
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const uint32_t channel0 = static_cast<uint32_t>(first - mover.base());
-  int64_t j = 0;
+  int64_t written = 0, j = 0;
   for (; j + 8 <= n; j += 8) {
+    if (mover.full_soon()) {
+      write_stretch(x, y, written, j, channel0, stream, mover);
+      written = j;
+    }
     const __m256 v = _mm256_loadu_ps(x + j), a = _mm256_and_ps(v, abs_mask);
-    _mm256_storeu_ps(y + j, v);
     unsigned keep = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_LT_OQ)));
     if (unsigned ties = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_EQ_OQ)))) {
       for (; ties && tie_quota > 0; ties &= ties - 1, --tie_quota) keep |= ties & (0u - ties);
@@ -359,13 +400,18 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
     mover.commit(static_cast<size_t>(__builtin_popcount(keep)));
   }
   for (; j < n; ++j) {
-    y[j] = x[j];
+    if (mover.full_soon()) {
+      write_stretch(x, y, written, j, channel0, stream, mover);
+      written = j;
+    }
     const float a = std::fabs(x[j]);
     if (a < t || (a == t && tie_quota > 0)) {
       if (!(a < t)) --tie_quota;
       mover.add(first + j, x[j]);
     }
   }
+  write_stretch(x, y, written, n, channel0, stream, mover);
+  if (stream) _mm_sfence();  // non-temporal stores are weakly ordered: finish them here
   return tie_quota;
 }
 #endif
@@ -375,15 +421,16 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
 // Inf never compare below or equal to a finite t.
 template <class D>
 int64_t select_token(const typename D::Raw* x, typename D::Raw* y, int64_t n, int64_t first, float t,
-                     int64_t tie_quota, Mover<D>& mover) {
+                     int64_t tie_quota, bool stream, Mover<D>& mover) {
 #if defined(__x86_64__) || defined(__i386__)
   if constexpr (std::is_same<D, Float32>::value) {
     static const bool avx2 = __builtin_cpu_supports("avx2");
     if (avx2)
       return select_token_avx2(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(y), n, first, t, tie_quota,
-                               mover);
+                               stream, mover);
   }
 #endif
+  (void)stream;
   std::memcpy(y, x, n * sizeof(*x));
   constexpr int64_t kBlock = 16;  // elements tested together before the rare per-element work
   auto consider = [&](int64_t j) {
@@ -417,6 +464,8 @@ void select_and_move(const Problem& p, int64_t begin, int64_t end, const Stats& 
   }
   const float t = st.threshold;
   Mover<D> mover(p, st.q_p, st.m_neg);
+  // Past a few MiB per thread the output will not stay in cache: write it around the cache.
+  const bool stream = (end - begin) * static_cast<int64_t>(sizeof(Raw)) >= (int64_t{8} << 20);
   for (int64_t token = begin / p.I; token * p.I < end; ++token) {
     const int64_t first = std::max(begin, token * p.I), stop = std::min(end, (token + 1) * p.I);
     Raw* y = static_cast<Raw*>(p.y) + first;
@@ -425,7 +474,7 @@ void select_and_move(const Problem& p, int64_t begin, int64_t end, const Stats& 
       continue;
     }
     mover.start_token(token);
-    tie_quota = select_token<D>(x + first, y, stop - first, first, t, tie_quota, mover);
+    tie_quota = select_token<D>(x + first, y, stop - first, first, t, tie_quota, stream, mover);
   }
   mover.flush();
 }
