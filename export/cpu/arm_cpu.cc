@@ -240,7 +240,12 @@ __attribute__((target("avx2"))) void philox_w0_avx2(const uint32_t* c0_in, size_
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), c0);
   }
-  philox_w0_scalar(c0_in + j, n - j, c1_in, c2_in, k0_in, k1_in, out + j);
+  if (j < n) {  // the last few as one more padded vector: the scalar rounds cost more
+    uint32_t c0[8] = {0}, w[8];
+    std::memcpy(c0, c0_in + j, (n - j) * sizeof(uint32_t));
+    philox_w0_avx2(c0, 8, c1_in, c2_in, k0_in, k1_in, w);
+    std::memcpy(out + j, w, (n - j) * sizeof(uint32_t));
+  }
 }
 #endif
 
@@ -341,34 +346,26 @@ const CompressTable& compress_table() {
   return table;
 }
 
-// y[from, to) = x[from, to) with the queued moves (channels relative to channel0) put in, in
-// one sweep; stream: non-temporal stores, for outputs too large to stay in cache. Empties
-// the queue.
+// y[from, to) = x[from, to) with the queued moves (channels relative to channel0) put in;
+// empties the queue. A stretch is short (kStretch at most), so the copy sits in L1 while the
+// moves land in it. stream: build it in a buffer and send it past the cache (non-temporal
+// stores), for outputs too large to stay there.
+constexpr int64_t kStretch = 4096;
 template <class M>
 __attribute__((target("avx2"))) void write_stretch(const float* x, float* y, int64_t from, int64_t to,
                                                    uint32_t channel0, bool stream, M& mover) {
   alignas(32) float moved[M::kBatch];
   mover.draw(moved);
-  const size_t queued = mover.size();
-  size_t q = 0;
-  auto next_move = [&] {
-    return q < queued ? static_cast<int64_t>(mover.channel(q) - channel0) : std::numeric_limits<int64_t>::max();
-  };
-  int64_t k = from;
-  for (; k < to && (reinterpret_cast<uintptr_t>(y + k) & 31u); ++k) y[k] = next_move() == k ? moved[q++] : x[k];
-  for (; k + 8 <= to; k += 8) {
-    __m256 v = _mm256_loadu_ps(x + k);
-    if (next_move() < k + 8) {
-      alignas(32) float block[8];
-      _mm256_store_ps(block, v);
-      for (int64_t at; (at = next_move()) < k + 8; ++q) block[at - k] = moved[q];
-      v = _mm256_load_ps(block);
-    }
-    if (stream) _mm256_stream_ps(y + k, v);
-    else _mm256_store_ps(y + k, v);
-  }
-  for (; k < to; ++k) y[k] = next_move() == k ? moved[q++] : x[k];
+  alignas(32) float buffer[kStretch + 8];
+  float* out = stream ? buffer - from : y;  // indexed like y
+  std::memcpy(out + from, x + from, (to - from) * sizeof(float));
+  for (size_t q = 0; q < mover.size(); ++q) out[mover.channel(q) - channel0] = moved[q];
   mover.clear();
+  if (!stream) return;
+  int64_t k = from;
+  for (; k < to && (reinterpret_cast<uintptr_t>(y + k) & 31u); ++k) y[k] = out[k];
+  for (; k + 8 <= to; k += 8) _mm256_stream_ps(y + k, _mm256_loadu_ps(out + k));
+  for (; k < to; ++k) y[k] = out[k];
 }
 
 // select_token (below) for float32 with AVX2: no branch per element; the kept lanes are
@@ -382,7 +379,7 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
   const uint32_t channel0 = static_cast<uint32_t>(first - mover.base());
   int64_t written = 0, j = 0;
   for (; j + 8 <= n; j += 8) {
-    if (mover.full_soon()) {
+    if (mover.full_soon() || j - written == kStretch) {
       write_stretch(x, y, written, j, channel0, stream, mover);
       written = j;
     }
@@ -400,7 +397,7 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
     mover.commit(static_cast<size_t>(__builtin_popcount(keep)));
   }
   for (; j < n; ++j) {
-    if (mover.full_soon()) {
+    if (mover.full_soon() || j - written == kStretch) {
       write_stretch(x, y, written, j, channel0, stream, mover);
       written = j;
     }
@@ -761,23 +758,33 @@ class LargeGroup {
         for (int64_t i = lo; i < hi; ++i) ++h[raw_high(x_[i])];
       });
     });
+    // Simple loops over all bins, which the compiler vectorises.
     ws_.hist_raw.resize(kRawBins);
-    ws_.hist_abs.assign(kRawBins / 2, 0);
-    ws_.raw_bins.clear();
-    ws_.abs_bins.clear();
-    for (uint32_t r = 0; r < static_cast<uint32_t>(kRawBins); ++r) {
-      uint64_t c = 0;
-      for (size_t t = 0; t < T; ++t) c += ws_.local[t * kRawBins + r];
+    uint64_t* raw = ws_.hist_raw.data();
+    for (int r = 0; r < kRawBins; ++r) raw[r] = ws_.local[r];
+    for (size_t t = 1; t < T; ++t)
+      for (int r = 0; r < kRawBins; ++r) raw[r] += ws_.local[t * kRawBins + r];
+    for (uint32_t r = 0; r < static_cast<uint32_t>(kRawBins); ++r)
       if (!finite_bin(r)) {  // NaN and Inf take no part in any statistic
-        c = 0;
+        raw[r] = 0;
         for (size_t t = 0; t < T; ++t) ws_.local[t * kRawBins + r] = 0;
       }
-      ws_.hist_raw[r] = c;
-      ws_.hist_abs[r & 0x7fffu] += c;
-      if (c) ws_.raw_bins.push_back(r);
+    ws_.hist_abs.resize(kRawBins / 2);
+    for (int a = 0; a < kRawBins / 2; ++a) ws_.hist_abs[a] = raw[a] + raw[a | 0x8000];
+    ws_.raw_bins.resize(kRawBins);
+    size_t k = 0;
+    for (uint32_t r = 0; r < static_cast<uint32_t>(kRawBins); ++r) {
+      ws_.raw_bins[k] = r;
+      k += raw[r] != 0;
     }
-    for (uint32_t a = 0; a < static_cast<uint32_t>(kRawBins / 2); ++a)
-      if (ws_.hist_abs[a]) ws_.abs_bins.push_back(a);
+    ws_.raw_bins.resize(k);
+    ws_.abs_bins.resize(kRawBins / 2);
+    k = 0;
+    for (uint32_t a = 0; a < static_cast<uint32_t>(kRawBins / 2); ++a) {
+      ws_.abs_bins[k] = a;
+      k += ws_.hist_abs[a] != 0;
+    }
+    ws_.abs_bins.resize(k);
     n_valid_ = std::accumulate(ws_.hist_abs.begin(), ws_.hist_abs.end(), int64_t{0});
     ws_.gathered_of_raw.assign(kRawBins, -1);
   }
@@ -1063,8 +1070,10 @@ class LargeGroup {
         fresh.push_back(r);
         slot_of_raw[r] = static_cast<uint16_t>(fresh.size());
       }
-      // A vector test on the bins' |x| key ranges (merged across gaps down to kMaxRanges)
-      // keeps a few elements per thread; an exact check on their bins then drops the rest.
+      // A vector test on the bins' |x| key ranges keeps a few elements per thread; an exact
+      // check on their bins then drops the rest. Each range costs every element a few vector
+      // operations, each element kept a few scalar ones: ranges merge across gaps that hold
+      // fewer than 1/16 of the elements, and down to kMaxRanges.
       std::vector<std::pair<uint32_t, uint32_t>> ranges;  // [lo, hi) of |x| keys
       for (uint32_t r : fresh)
         if (ws_.hist_raw[r]) ranges.push_back({first_key(r & 0x7fffu), last_key(r & 0x7fffu) + 1});
@@ -1074,10 +1083,17 @@ class LargeGroup {
         if (!merged.empty() && r.first <= merged.back().second) merged.back().second = std::max(merged.back().second, r.second);
         else merged.push_back(r);
       }
-      while (merged.size() > kMaxRanges) {  // close the narrowest gap
+      auto gap_count = [&](size_t i) {  // elements between ranges i and i + 1
+        int64_t count = 0;
+        for (uint32_t a = merged[i].second >> 16; a < merged[i + 1].first >> 16; ++a) count += ws_.hist_abs[a];
+        return count;
+      };
+      while (merged.size() > 1) {  // close the emptiest gap while it pays
         size_t best = 0;
+        int64_t best_count = gap_count(0);
         for (size_t i = 1; i + 1 < merged.size(); ++i)
-          if (merged[i + 1].first - merged[i].second < merged[best + 1].first - merged[best].second) best = i;
+          if (const int64_t c = gap_count(i); c < best_count) best = i, best_count = c;
+        if (merged.size() <= kMaxRanges && best_count >= n_valid_ / 16) break;
         merged[best].second = merged[best + 1].second;
         merged.erase(merged.begin() + best + 1);
       }
