@@ -277,20 +277,13 @@ class Mover {
     x_[size_] = x;
     ++size_;
   }
-  // For vector code: room for 8 entries at channels_tail() and values_tail(); commit(k)
-  // keeps the first k written.
-  uint32_t* channels_tail() {
-    if (size_ + 8 > kBatch) flush();
-    return channel_ + size_;
-  }
-  float* values_tail() { return x_ + size_; }
-  void commit(size_t k) { size_ += k; }
   int64_t base() const { return base_; }
-  // For callers that write y themselves: the queue, and the new values of its entries.
+  // For vector code, which fills the queue itself (kBatch entries) and then sets its size.
+  uint32_t* channels() { return channel_; }
+  float* values() { return x_; }
   size_t size() const { return size_; }
-  bool full_soon() const { return size_ + 8 > kBatch; }
-  uint32_t channel(size_t j) const { return channel_[j]; }
-  void clear() { size_ = 0; }
+  void set_size(size_t size) { size_ = size; }
+  // For callers that write y themselves: the new values of the queued entries.
   void draw(float* moved) const {  // room for kBatch
     uint32_t w[kBatch];
     philox_w0_batch(channel_, size_, c1_, c2_, static_cast<uint32_t>(p_.attrs.seed),
@@ -359,8 +352,9 @@ __attribute__((target("avx2"))) void write_stretch(const float* x, float* y, int
   alignas(32) float buffer[kStretch + 8];
   float* out = stream ? buffer - from : y;  // indexed like y
   std::memcpy(out + from, x + from, (to - from) * sizeof(float));
-  for (size_t q = 0; q < mover.size(); ++q) out[mover.channel(q) - channel0] = moved[q];
-  mover.clear();
+  const uint32_t* channels = mover.channels();
+  for (size_t q = 0; q < mover.size(); ++q) out[channels[q] - channel0] = moved[q];
+  mover.set_size(0);
   if (!stream) return;
   int64_t k = from;
   for (; k < to && (reinterpret_cast<uintptr_t>(y + k) & 31u); ++k) y[k] = out[k];
@@ -377,11 +371,16 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), limit = _mm256_set1_ps(t);
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const uint32_t channel0 = static_cast<uint32_t>(first - mover.base());
+  uint32_t* channels = mover.channels();
+  float* values = mover.values();
+  size_t queued = mover.size();  // kept in a register: the queue is this loop's only state
   int64_t written = 0, j = 0;
   for (; j + 8 <= n; j += 8) {
-    if (mover.full_soon() || j - written == kStretch) {
+    if (queued + 8 > M::kBatch || j - written == kStretch) {
+      mover.set_size(queued);
       write_stretch(x, y, written, j, channel0, stream, mover);
       written = j;
+      queued = 0;
     }
     const __m256 v = _mm256_loadu_ps(x + j), a = _mm256_and_ps(v, abs_mask);
     unsigned keep = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_LT_OQ)));
@@ -389,24 +388,27 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
       for (; ties && tie_quota > 0; ties &= ties - 1, --tie_quota) keep |= ties & (0u - ties);
     }
     const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[keep]));
-    uint32_t* channels = mover.channels_tail();
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(channels),
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(channels + queued),
                         _mm256_permutevar8x32_epi32(
                             _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(channel0 + j)), lanes), perm));
-    _mm256_storeu_ps(mover.values_tail(), _mm256_permutevar8x32_ps(v, perm));
-    mover.commit(static_cast<size_t>(__builtin_popcount(keep)));
+    _mm256_storeu_ps(values + queued, _mm256_permutevar8x32_ps(v, perm));
+    queued += static_cast<size_t>(__builtin_popcount(keep));
   }
   for (; j < n; ++j) {
-    if (mover.full_soon() || j - written == kStretch) {
+    if (queued == M::kBatch || j - written == kStretch) {
+      mover.set_size(queued);
       write_stretch(x, y, written, j, channel0, stream, mover);
       written = j;
+      queued = 0;
     }
     const float a = std::fabs(x[j]);
     if (a < t || (a == t && tie_quota > 0)) {
       if (!(a < t)) --tie_quota;
-      mover.add(first + j, x[j]);
+      channels[queued] = channel0 + static_cast<uint32_t>(j);
+      values[queued++] = x[j];
     }
   }
+  mover.set_size(queued);
   write_stretch(x, y, written, n, channel0, stream, mover);
   if (stream) _mm_sfence();  // non-temporal stores are weakly ordered: finish them here
   return tie_quota;
@@ -764,8 +766,14 @@ class LargeGroup {
     for (int r = 0; r < kRawBins; ++r) raw[r] = ws_.local[r];
     for (size_t t = 1; t < T; ++t)
       for (int r = 0; r < kRawBins; ++r) raw[r] += ws_.local[t * kRawBins + r];
-    for (uint32_t r = 0; r < static_cast<uint32_t>(kRawBins); ++r)
-      if (!finite_bin(r)) {  // NaN and Inf take no part in any statistic
+    // NaN and Inf take no part in any statistic: their bins top each sign's range.
+    static const uint32_t non_finite = [] {
+      uint32_t r = 0;
+      while (finite_bin(r)) ++r;
+      return r;
+    }();
+    for (uint32_t sign : {0u, 0x8000u})
+      for (uint32_t r = non_finite | sign; r <= (0x7fffu | sign); ++r) {
         raw[r] = 0;
         for (size_t t = 0; t < T; ++t) ws_.local[t * kRawBins + r] = 0;
       }
