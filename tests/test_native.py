@@ -123,6 +123,36 @@ def test_parity_output_written_around_the_cache():
         torch.set_num_threads(previous)
 
 
+_PORTABLE_CHECK = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_native import DTYPES, PRESETS, ARMConfig, check, data
+gen = torch.Generator().manual_seed(13)
+for dtype in DTYPES:
+    for kind in ("normal", "ties", "nonfinite"):
+        for shape, scope in (((2, 3, 50_000), "sequence"), ((3, 7, 333), "token"), ((1, 2, 70_000), "tensor")):
+            x = data(kind, shape, dtype, gen)
+            mask = torch.rand(shape[:2], generator=gen) < 0.8
+            check(x, mask, None, ARMConfig(scope=scope, seed=7))
+            check(x, None, None, PRESETS["llama-3.1"].replace(scope=scope))
+print("portable paths match")
+"""
+
+
+def test_parity_without_avx2():
+    # The AVX2 paths are chosen at run time; the portable ones must give the same bits.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, ARMQUANT_DISABLE_AVX2="1")
+    code = _PORTABLE_CHECK.format(tests=str(Path(__file__).parent))
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "portable paths match" in run.stdout
+
+
 def test_empty_and_degenerate_shapes():
     for shape in ((1, 0, 4), (0, 3, 4), (2, 3, 0)):
         x = torch.randn(shape)

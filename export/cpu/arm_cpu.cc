@@ -202,6 +202,15 @@ inline float epsilon(const armq_attrs& at, float mad) {
   return scaled * at.c;
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+// The AVX2 paths, when the CPU has them; $ARMQUANT_DISABLE_AVX2 (any value) forces the
+// portable code, so that tests can check it on any machine. Both compute the same bits.
+bool use_avx2() {
+  static const bool avx2 = __builtin_cpu_supports("avx2") && !std::getenv("ARMQUANT_DISABLE_AVX2");
+  return avx2;
+}
+#endif
+
 // The Philox word w0 for counters (c0[j], c1, c2, 0) under one key, for j < n.
 void philox_w0_scalar(const uint32_t* c0, size_t n, uint32_t c1, uint32_t c2, uint32_t k0, uint32_t k1,
                       uint32_t* out) {
@@ -252,8 +261,7 @@ __attribute__((target("avx2"))) void philox_w0_avx2(const uint32_t* c0_in, size_
 void philox_w0_batch(const uint32_t* c0, size_t n, uint32_t c1, uint32_t c2, uint32_t k0, uint32_t k1,
                      uint32_t* out) {
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) return philox_w0_avx2(c0, n, c1, c2, k0, k1, out);
+  if (use_avx2()) return philox_w0_avx2(c0, n, c1, c2, k0, k1, out);
 #endif
   philox_w0_scalar(c0, n, c1, c2, k0, k1, out);
 }
@@ -423,31 +431,36 @@ int64_t select_token(const typename D::Raw* x, typename D::Raw* y, int64_t n, in
                      int64_t tie_quota, bool stream, Mover<D>& mover) {
 #if defined(__x86_64__) || defined(__i386__)
   if constexpr (std::is_same<D, Float32>::value) {
-    static const bool avx2 = __builtin_cpu_supports("avx2");
-    if (avx2)
+    if (use_avx2())
       return select_token_avx2(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(y), n, first, t, tie_quota,
                                stream, mover);
   }
 #endif
   (void)stream;
   std::memcpy(y, x, n * sizeof(*x));
-  constexpr int64_t kBlock = 16;  // elements tested together before the rare per-element work
-  auto consider = [&](int64_t j) {
+  // Every element is written to the queue's next slot, which only a selected one keeps: no
+  // branch per element but the rare tie.
+  uint32_t* channels = mover.channels();
+  float* values = mover.values();
+  size_t queued = mover.size();
+  const uint32_t channel0 = static_cast<uint32_t>(first - mover.base());
+  for (int64_t j = 0; j < n; ++j) {
+    if (queued == Mover<D>::kBatch) {
+      mover.set_size(queued);
+      mover.flush();
+      queued = 0;
+    }
     const float v = D::value(x[j]);
     const float a = std::fabs(v);
-    if (a < t || (a == t && tie_quota > 0)) {
-      if (!(a < t)) --tie_quota;
-      mover.add(first + j, v);
+    channels[queued] = channel0 + static_cast<uint32_t>(j);
+    values[queued] = v;
+    queued += a < t;
+    if (a == t && tie_quota > 0) {
+      --tie_quota;
+      ++queued;
     }
-  };
-  int64_t j = 0;
-  for (; j + kBlock <= n; j += kBlock) {
-    uint32_t hit = 0;
-    for (int64_t i = 0; i < kBlock; ++i) hit |= std::fabs(D::value(x[j + i])) <= t;
-    if (hit)
-      for (int64_t i = 0; i < kBlock; ++i) consider(j + i);
   }
-  for (; j < n; ++j) consider(j);
+  mover.set_size(queued);
   return tie_quota;
 }
 
@@ -595,10 +608,12 @@ void small_group(const Problem& p, int64_t begin, int64_t end, Scratch& s) {
   select_and_move<D>(p, begin, end, st, st.tie_quota);
 }
 
+constexpr int kMaxRanges = 8;  // of the vector range test below
+
+#if defined(__x86_64__) || defined(__i386__)
 // Copies to out, in order, the x[j] (j < n) whose |x| key (float32 bits without the sign)
 // lies in one of the ranges [lo[i], hi[i]), i < ranges <= kMaxRanges; returns how many.
 // out needs room for n + 8 values.
-constexpr int kMaxRanges = 8;
 size_t keep_in_ranges_scalar(const uint32_t* x, int64_t n, const uint32_t* lo, const uint32_t* hi, int ranges,
                              uint32_t* out) {
   size_t kept = 0;
@@ -612,7 +627,6 @@ size_t keep_in_ranges_scalar(const uint32_t* x, int64_t n, const uint32_t* lo, c
   return kept;
 }
 
-#if defined(__x86_64__) || defined(__i386__)
 __attribute__((target("avx2,popcnt"))) size_t keep_in_ranges_avx2(const uint32_t* x, int64_t n, const uint32_t* lo,
                                                                    const uint32_t* hi, int ranges, uint32_t* out) {
   // Keys below 2^31 compare correctly as signed integers.
@@ -638,14 +652,6 @@ __attribute__((target("avx2,popcnt"))) size_t keep_in_ranges_avx2(const uint32_t
   return kept + keep_in_ranges_scalar(x + j, n - j, lo, hi, ranges, out + kept);
 }
 #endif
-
-size_t keep_in_ranges(const uint32_t* x, int64_t n, const uint32_t* lo, const uint32_t* hi, int ranges, uint32_t* out) {
-#if defined(__x86_64__) || defined(__i386__)
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) return keep_in_ranges_avx2(x, n, lo, hi, ranges, out);
-#endif
-  return keep_in_ranges_scalar(x, n, lo, hi, ranges, out);
-}
 
 // Sorts keys that share their high 16 bits, with scratch of the same size: two byte-wide
 // counting passes, which leave the result back in keys.
@@ -1121,8 +1127,17 @@ class LargeGroup {
           std::vector<uint32_t> staged(room);
           size_t kept = 0;
           for_ranges(b, e, [&](int64_t first, int64_t stop) {
-            kept += keep_in_ranges(reinterpret_cast<const uint32_t*>(x_ + first), stop - first, lo, hi, n_ranges,
-                                   staged.data() + kept);
+            const uint32_t* x = reinterpret_cast<const uint32_t*>(x_ + first);
+#if defined(__x86_64__) || defined(__i386__)
+            if (use_avx2()) {
+              kept += keep_in_ranges_avx2(x, stop - first, lo, hi, n_ranges, staged.data() + kept);
+              return;
+            }
+#endif
+            for (int64_t i = 0; i < stop - first; ++i) {  // a table lookup per element, no branch
+              staged[kept] = x[i];
+              kept += slot_of_raw[x[i] >> 16] != 0;
+            }
           });
           size_t exact = 0;
           for (size_t i = 0; i < kept; ++i) {
