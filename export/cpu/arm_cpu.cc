@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <memory>
 #include <new>
@@ -491,17 +492,30 @@ void select_and_move(const Problem& p, int64_t begin, int64_t end, const Stats& 
   mover.flush();
 }
 
+// Runs body(0), ..., body(threads - 1), body(0) on the calling thread. An exception in any of
+// them (out of memory, or no thread to be had) is rethrown here once all have finished.
 template <class F>
 void run_threads(int threads, F&& body) {
-  if (threads <= 1) {
-    body(0);
-    return;
-  }
+  std::vector<std::exception_ptr> errors(std::max(threads, 1));
+  auto guarded = [&](int t) {
+    try {
+      body(t);
+    } catch (...) {
+      errors[t] = std::current_exception();
+    }
+  };
   std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int t = 1; t < threads; ++t) pool.emplace_back(body, t);
-  body(0);
+  for (int t = 1; t < threads; ++t) {
+    try {
+      pool.emplace_back(guarded, t);
+    } catch (...) {
+      errors[t] = std::current_exception();
+    }
+  }
+  guarded(0);
   for (auto& th : pool) th.join();
+  for (const auto& e : errors)
+    if (e) std::rethrow_exception(e);
 }
 
 // ---- small groups: radix select on scratch copies of the keys -----------------------------
@@ -1222,8 +1236,7 @@ void forward(const Problem& p, int threads) {
     return;
   }
   const int workers = static_cast<int>(std::min<int64_t>(threads, groups));
-  // Scratch is allocated here, not in the workers, so that running out of memory is an error
-  // code rather than an exception escaping a thread.
+  // Scratch is allocated here, before the workers start.
   std::vector<Scratch> scratch(workers);
   for (auto& s : scratch) s.reserve(group_size);
   run_threads(workers, [&](int t) {
