@@ -518,57 +518,63 @@ void run_threads(int threads, F&& body) {
     if (e) std::rethrow_exception(e);
 }
 
-// ---- small groups: radix select on scratch copies of the keys -----------------------------
+// ---- small groups: ranks from one histogram per key array ---------------------------------
 
 // Per-worker scratch, allocated before the workers start.
 struct Scratch {
   std::vector<float> vals;
-  std::vector<uint32_t> akeys, keys, tmp;
+  std::vector<uint32_t> akeys, keys, abs_buckets, buckets;  // for the |x| ranks, for the others
   void reserve(int64_t n) {
     vals.reserve(n);
     akeys.reserve(n);
     keys.reserve(n);
-    tmp.reserve(n);
+    abs_buckets.reserve(n);
+    buckets.reserve(n);
   }
 };
 
-// The rank-k (0-based) smallest of keys[0, n): 11, 11 and 10 bits at a time, keeping only
-// the elements of the chosen bin between levels. keys is left as it is; tmp is scratch.
-inline uint32_t radix_select(const uint32_t* keys, int64_t n, int64_t k, uint32_t* tmp) {
-  static constexpr int kShift[3] = {21, 10, 0};
-  static constexpr uint32_t kMask[3] = {0x7ffu, 0x7ffu, 0x3ffu};
-  uint32_t hist[2048];
-  const uint32_t* src = keys;
-  uint32_t result = 0;
-  for (int level = 0; level < 3; ++level) {
-    const int shift = kShift[level];
-    const uint32_t mask = kMask[level];
-    std::memset(hist, 0, sizeof hist);
-    for (int64_t i = 0; i < n; ++i) ++hist[(src[i] >> shift) & mask];
-    uint32_t bin = 0;
-    int64_t cum = 0;
-    while (cum + static_cast<int64_t>(hist[bin]) <= k) cum += hist[bin++];
-    k -= cum;
-    result |= bin << shift;
-    if (level == 2) break;
-    if (hist[bin] == static_cast<uint32_t>(n)) continue;  // all in one bin: nothing to drop
-    int64_t kept = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t key = src[i];
-      tmp[kept] = key;  // written always, kept only when in the bin: no branch
-      kept += ((key >> shift) & mask) == bin;
-    }
-    src = tmp;
-    n = kept;
+// Order statistics of one array of keys: one counting pass buckets them by their top bits
+// (bucket b holds ranks start[b] .. start[b + 1] - 1), then each rank is selected within its
+// bucket. Keys below 2^31 (bits of non-negative floats) need half the buckets.
+class KeyRanks {
+ public:
+  KeyRanks(const uint32_t* keys, int64_t n, bool below_2_31, uint32_t* buckets)
+      : bins_(below_2_31 ? kBins / 2 : kBins), sorted_(buckets) {
+    uint32_t next[kBins + 1];
+    std::fill(start_, start_ + bins_ + 1, 0u);
+    for (int64_t i = 0; i < n; ++i) ++start_[(keys[i] >> kShift) + 1];
+    for (int b = 0; b < bins_; ++b) start_[b + 1] += start_[b];
+    std::copy(start_, start_ + bins_, next);
+    for (int64_t i = 0; i < n; ++i) buckets[next[keys[i] >> kShift]++] = keys[i];
   }
-  return result;
-}
+
+  // The key of rank k (0-based, ascending).
+  uint32_t at(int64_t k) {
+    const uint32_t* bound = std::upper_bound(start_, start_ + bins_ + 1, static_cast<uint32_t>(k));
+    const int bin = static_cast<int>(bound - start_) - 1;
+    std::nth_element(sorted_ + start_[bin], sorted_ + k, sorted_ + start_[bin + 1]);
+    return sorted_[k];
+  }
+
+ private:
+  static constexpr int kShift = 21, kBins = 2048;
+  int bins_;
+  uint32_t* sorted_;
+  uint32_t start_[kBins + 1];  // small groups: fewer than 2^32 keys
+};
 
 inline uint32_t signed_key(float v) {
   const uint32_t r = bits_of(v);
   return r ^ (static_cast<uint32_t>(static_cast<int32_t>(r) >> 31) | 0x80000000u);
 }
 inline float from_signed_key(uint32_t k) { return float_of(k ^ ((k & 0x80000000u) ? 0x80000000u : 0xffffffffu)); }
+
+// Elements of keys[0, n) below key, in plain loops the compiler vectorises.
+inline int64_t count_below(const uint32_t* keys, int64_t n, uint32_t key) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += keys[i] < key;
+  return count;
+}
 
 template <class D>
 void small_group(const Problem& p, int64_t begin, int64_t end, Scratch& s) {
@@ -590,35 +596,35 @@ void small_group(const Problem& p, int64_t begin, int64_t end, Scratch& s) {
   const int64_t rank = (N - 1) / 2;
   s.akeys.resize(N);
   s.keys.resize(N);
-  s.tmp.resize(N);
-  // Keys of non-negative floats order like the values.
+  s.abs_buckets.resize(N);
+  s.buckets.resize(N);
+  // Bits of non-negative floats order like the values.
   for (int64_t j = 0; j < N; ++j) s.akeys[j] = bits_of(std::fabs(s.vals[j]));
-  const float m = float_of(radix_select(s.akeys.data(), N, rank, s.tmp.data()));
+  KeyRanks abs_ranks(s.akeys.data(), N, true, s.abs_buckets.data());
+  const float m = float_of(abs_ranks.at(rank));
+
+  for (int64_t j = 0; j < N; ++j) s.keys[j] = bits_of(std::fabs(float_of(s.akeys[j]) - m));
+  const float mad = float_of(KeyRanks(s.keys.data(), N, true, s.buckets.data()).at(rank));
+  // eps >= 0 (kappa, c >= 0): its bits compare like the value.
+  const int64_t n = moved_count(p.attrs, N, count_below(s.akeys.data(), N, bits_of(epsilon(p.attrs, mad))));
 
   Stats st;
   st.n_valid = N;
   st.m_neg = std::fabs(x_min);
+  st.threshold = float_of(abs_ranks.at(n - 1));
+  st.tie_quota = n - count_below(s.akeys.data(), N, bits_of(st.threshold));
   const PercentileRanks pr = percentile_ranks(p.attrs, N);
   float v_lo, v_hi;
   if (p.attrs.percentile_abs) {
-    v_lo = float_of(radix_select(s.akeys.data(), N, pr.lo_index, s.tmp.data()));
-    v_hi = pr.hi_index == pr.lo_index ? v_lo : float_of(radix_select(s.akeys.data(), N, pr.hi_index, s.tmp.data()));
+    v_lo = float_of(abs_ranks.at(pr.lo_index));
+    v_hi = float_of(abs_ranks.at(pr.hi_index));
   } else {
     for (int64_t j = 0; j < N; ++j) s.keys[j] = signed_key(s.vals[j]);
-    v_lo = from_signed_key(radix_select(s.keys.data(), N, pr.lo_index, s.tmp.data()));
-    v_hi = pr.hi_index == pr.lo_index ? v_lo : from_signed_key(radix_select(s.keys.data(), N, pr.hi_index, s.tmp.data()));
+    KeyRanks signed_ranks(s.keys.data(), N, false, s.buckets.data());
+    v_lo = from_signed_key(signed_ranks.at(pr.lo_index));
+    v_hi = from_signed_key(signed_ranks.at(pr.hi_index));
   }
   st.q_p = interpolate(pr, v_lo, v_hi);
-
-  for (int64_t j = 0; j < N; ++j) s.keys[j] = bits_of(std::fabs(float_of(s.akeys[j]) - m));
-  const float eps = epsilon(p.attrs, float_of(radix_select(s.keys.data(), N, rank, s.tmp.data())));
-  int64_t near_zero = 0;
-  for (int64_t j = 0; j < N; ++j) near_zero += float_of(s.akeys[j]) < eps;
-  const int64_t n = moved_count(p.attrs, N, near_zero);
-  st.threshold = float_of(radix_select(s.akeys.data(), N, n - 1, s.tmp.data()));
-  int64_t below = 0;
-  for (int64_t j = 0; j < N; ++j) below += float_of(s.akeys[j]) < st.threshold;
-  st.tie_quota = n - below;
   select_and_move<D>(p, begin, end, st, st.tie_quota);
 }
 
@@ -1236,9 +1242,11 @@ void forward(const Problem& p, int threads) {
     return;
   }
   const int workers = static_cast<int>(std::min<int64_t>(threads, groups));
-  // Scratch is allocated here, before the workers start.
-  std::vector<Scratch> scratch(workers);
-  for (auto& s : scratch) s.reserve(group_size);
+  // Scratch is allocated here, before the workers start, and kept by the calling thread: a
+  // decode step calls this once per token, on buffers of the same size.
+  static thread_local std::vector<Scratch> scratch;
+  if (scratch.size() < static_cast<size_t>(workers)) scratch.resize(workers);
+  for (int t = 0; t < workers; ++t) scratch[t].reserve(group_size);
   run_threads(workers, [&](int t) {
     for (int64_t g = groups * t / workers, stop = groups * (t + 1) / workers; g < stop; ++g)
       small_group<D>(p, g * group_size, (g + 1) * group_size, scratch[t]);
