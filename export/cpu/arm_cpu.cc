@@ -3,8 +3,9 @@
 // Per group (scope) we need order statistics of the valid values: the lower median m of |x|,
 // the MAD (the same rank of |a - m|), the rank n-1 of |x| (the selection threshold) and two
 // adjacent ranks of the percentile pool. Two strategies, both O(N):
-//  - small groups (a token's channels): copy keys into scratch and radix-select them (11, 11, 10 bits);
-//    groups are spread across threads.
+//  - small groups (a token's channels, or a decode step): scratch keys of |x|, of |a - m| and of
+//    x, each bucketed once by its top 11 bits; each rank is selected within its bucket. Groups
+//    are spread across threads.
 //  - large groups (a whole sequence or tensor): a 65536-bin histogram of the high 16 bits of
 //    the float bit patterns (which order like the values), then the exact values of the few
 //    bins the statistics fall in, gathered in one more pass (16-bit dtypes need none: each
@@ -518,7 +519,7 @@ void run_threads(int threads, F&& body) {
     if (e) std::rethrow_exception(e);
 }
 
-// ---- small groups: ranks from one histogram per key array ---------------------------------
+// ---- small groups: keys bucketed once per array, ranks selected within buckets ------------
 
 // Per-worker scratch, allocated before the workers start.
 struct Scratch {
