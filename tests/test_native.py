@@ -190,6 +190,19 @@ def test_thread_count_does_not_change_the_result():
     assert_same_bits(one, many)
 
 
+@pytest.mark.parametrize("scope", SCOPES)
+def test_parity_with_two_threads(scope):
+    # Enough groups or elements that the kernel spreads the work over its threads.
+    x = data("normal", (2, 64, 1536), torch.float32, torch.Generator().manual_seed(17))
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for _ in range(2):  # the second call reuses the scratch the first left behind
+            check(x, config=ARMConfig(scope=scope))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_torch_op_uses_native_kernel_when_forced(monkeypatch):
     x = torch.randn(2, 5, 64)
     monkeypatch.setenv("ARMQUANT_ARM_BACKEND", "native")

@@ -1245,7 +1245,8 @@ void forward(const Problem& p, int threads) {
   const int workers = static_cast<int>(std::min<int64_t>(threads, groups));
   // Scratch is allocated here, before the workers start, and kept by the calling thread: a
   // decode step calls this once per token, on buffers of the same size.
-  static thread_local std::vector<Scratch> scratch;
+  static thread_local std::vector<Scratch> kept;
+  std::vector<Scratch>& scratch = kept;  // the caller's: a worker naming `kept` would get its own
   if (scratch.size() < static_cast<size_t>(workers)) scratch.resize(workers);
   for (int t = 0; t < workers; ++t) scratch[t].reserve(group_size);
   run_threads(workers, [&](int t) {
