@@ -281,14 +281,8 @@ class Mover {
     c1_ = static_cast<uint32_t>(pos);
     c2_ = static_cast<uint32_t>(pos >> 32);
   }
-  void add(int64_t element, float x) {
-    if (size_ == kBatch) flush();
-    channel_[size_] = static_cast<uint32_t>(element - base_);
-    x_[size_] = x;
-    ++size_;
-  }
   int64_t base() const { return base_; }
-  // For vector code, which fills the queue itself (kBatch entries) and then sets its size.
+  // The selection loops fill the queue themselves (kBatch entries) and then set its size.
   uint32_t* channels() { return channel_; }
   float* values() { return x_; }
   size_t size() const { return size_; }
