@@ -722,9 +722,9 @@ struct LargeGroupWorkspace {
 //   2. (float32 only) gathering the values of the bins that the statistics fall in. The
 //      statistics depend on each other (m, then the MAD, eps, n and the threshold), so each
 //      is carried as a range of values: from the histogram alone the first round asks for
-//      every bin that any median inside the median's bin could lead to, typically a dozen
-//      bins and a few percent of the elements, and a second round finds every statistic
-//      exact. Rounds repeat until it does, so the bounds decide speed, never the result.
+//      every bin that any median inside the median's bin could lead to (18 |x| bins holding
+//      2.6% of 29M Gaussian values), and a second round finds every statistic exact. Rounds
+//      repeat until it does, so the bounds decide speed, never the result.
 //   3. copy x to y and move the selected elements.
 template <class D>
 class LargeGroup {
@@ -1129,40 +1129,39 @@ class LargeGroup {
       uint32_t lo[kMaxRanges], hi[kMaxRanges];
       for (size_t i = 0; i < merged.size(); ++i) lo[i] = merged[i].first, hi[i] = merged[i].second;
       const int n_ranges = static_cast<int>(merged.size());
+      if (n_ranges == 0) return;  // only empty bins: their keys are empty already
       staged_.resize(threads_);
-      if (n_ranges > 0) {
-        run_threads(threads_, [&](int t) {
-          int64_t b, e;
-          chunk(t, &b, &e);
-          // Room for everything in the ranges, from this thread's histogram.
-          size_t room = 8;
-          const uint32_t* h = &ws_.local[t * static_cast<size_t>(kRawBins)];
-          for (int i = 0; i < n_ranges; ++i)
-            for (uint32_t a = lo[i] >> 16; a < hi[i] >> 16; ++a) room += h[a] + h[a | 0x8000u];
-          std::vector<uint32_t> staged(room);
-          size_t kept = 0;
-          for_ranges(b, e, [&](int64_t first, int64_t stop) {
-            const uint32_t* x = reinterpret_cast<const uint32_t*>(x_ + first);
+      run_threads(threads_, [&](int t) {
+        int64_t b, e;
+        chunk(t, &b, &e);
+        // Room for everything in the ranges, from this thread's histogram.
+        size_t room = 8;
+        const uint32_t* h = &ws_.local[t * static_cast<size_t>(kRawBins)];
+        for (int i = 0; i < n_ranges; ++i)
+          for (uint32_t a = lo[i] >> 16; a < hi[i] >> 16; ++a) room += h[a] + h[a | 0x8000u];
+        std::vector<uint32_t> staged(room);
+        size_t kept = 0;
+        for_ranges(b, e, [&](int64_t first, int64_t stop) {
+          const uint32_t* x = reinterpret_cast<const uint32_t*>(x_ + first);
 #if defined(__x86_64__) || defined(__i386__)
-            if (use_avx2()) {
-              kept += keep_in_ranges_avx2(x, stop - first, lo, hi, n_ranges, staged.data() + kept);
-              return;
-            }
-#endif
-            for (int64_t i = 0; i < stop - first; ++i) {  // a table lookup per element, no branch
-              staged[kept] = x[i];
-              kept += slot_of_raw[x[i] >> 16] != 0;
-            }
-          });
-          size_t exact = 0;
-          for (size_t i = 0; i < kept; ++i) {
-            staged[exact] = staged[i];
-            exact += slot_of_raw[staged[i] >> 16] != 0;
+          if (use_avx2()) {
+            kept += keep_in_ranges_avx2(x, stop - first, lo, hi, n_ranges, staged.data() + kept);
+            return;
           }
-          staged.resize(exact);
-          staged_[t].push_back(std::move(staged));
+#endif
+          for (int64_t i = 0; i < stop - first; ++i) {  // a table lookup per element, no branch
+            staged[kept] = x[i];
+            kept += slot_of_raw[x[i] >> 16] != 0;
+          }
         });
-      }
+        size_t exact = 0;
+        for (size_t i = 0; i < kept; ++i) {
+          staged[exact] = staged[i];
+          exact += slot_of_raw[staged[i] >> 16] != 0;
+        }
+        staged.resize(exact);
+        staged_[t].push_back(std::move(staged));
+      });
       // The bins' |x| keys side by side in one pool (sizes from the histogram), each sorted.
       std::vector<size_t> offset(fresh.size() + 1, 0);
       for (size_t j = 0; j < fresh.size(); ++j) offset[j + 1] = offset[j] + ws_.hist_raw[fresh[j]];
@@ -1206,7 +1205,6 @@ class LargeGroup {
   struct Gathered {
     Keys keys;  // the bin's |x| keys, ascending
   };
-
 
   const Problem& p_;
   const Raw* x_;
