@@ -83,7 +83,8 @@ def test_parity_small_groups(dtype, scope, kind):
         check(x, mask.long(), positions, ARMConfig(scope=scope, percentile_of="abs"))
 
 
-# Groups of at least 2**17 elements take the radix-select path.
+# Groups of at least 2**17 elements take the histogram path (float32 ones of 2**20 or more try
+# a sample first; see below).
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ("normal", "ties", "zeros", "nonfinite", "wide", "negative"))
 def test_parity_large_groups(dtype, kind):
@@ -109,6 +110,48 @@ def test_parity_large_group_all_equal():
     x = torch.full((1, 1, 2_200_000), -1.25)
     x[0, 0, ::3] = 1.25
     check(x, config=ARMConfig(scope="tensor"))
+
+
+# float32 groups of at least 2**20 elements first bracket their statistics from a sample and
+# count against the brackets; the histogram path runs when a bracket misses.
+SAMPLED_SHAPE = (1, 8, 131_072)
+SAMPLED_CONFIGS = (ARMConfig(), ARMConfig(scope="tensor", percentile_of="abs"), PRESETS["llama-3.1"],
+                   PRESETS["gemma-3"], ARMConfig(share="fixed", c=0.3, p1=0.0),
+                   ARMConfig(p1=100.0, pmin=0.0, pmax=1.0, k=20.0))
+
+
+@pytest.mark.parametrize("margin", ("1", "0"), ids=("sampled", "brackets_at_the_edge"))
+@pytest.mark.parametrize("kind", ("normal", "ties", "zeros", "nonfinite", "wide", "negative", "all_equal"))
+def test_parity_sampled_groups(kind, margin, monkeypatch):
+    # Margin 0 shrinks the brackets to the sample's own bins: most miss, and the rest are
+    # exact only just.
+    monkeypatch.setenv("ARMQUANT_SAMPLE_MARGIN", margin)
+    gen = torch.Generator().manual_seed(17)
+    x = data(kind, SAMPLED_SHAPE, torch.float32, gen)
+    mask = torch.ones(SAMPLED_SHAPE[:2], dtype=torch.bool)
+    mask[0, 2] = False
+    positions = torch.randint(0, 2**40, SAMPLED_SHAPE[:2], generator=gen)
+    for config in SAMPLED_CONFIGS:
+        check(x, mask, positions, config)
+
+
+def test_parity_sampled_group_with_channel_structure():
+    # Activations differ by channel and a few tokens are huge: the sample must see all
+    # channels whatever the stride between its runs.
+    gen = torch.Generator().manual_seed(19)
+    scale = torch.exp2(torch.randint(-4, 5, (1536,), generator=gen).float())
+    x = torch.nn.functional.silu(torch.randn(1, 1024, 1536, generator=gen) * scale)
+    x[0, ::97] *= 300.0
+    for config in SAMPLED_CONFIGS[:4]:
+        check(x, config=config)
+
+
+def test_sampled_and_histogram_paths_agree(monkeypatch):
+    gen = torch.Generator().manual_seed(23)
+    x = data("normal", SAMPLED_SHAPE, torch.float32, gen) * 0.01
+    sampled = native(x, config=ARMConfig(seed=9))
+    monkeypatch.setenv("ARMQUANT_DISABLE_SAMPLING", "1")
+    assert_same_bits(sampled, native(x, config=ARMConfig(seed=9)))
 
 
 def test_parity_output_written_around_the_cache():
@@ -269,24 +312,25 @@ def test_fuzz_parity(B, S, I, dtype, scope, share, percentile_of, c, p1, k, pmin
     check(x, mask, positions, config)
 
 
-# Large groups resolve every statistic from a histogram and the exact values of a few bins; the
-# shapes of the data decide which bins those are, so vary the data's shape more than its size.
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    dtype=st.sampled_from(DTYPES), scope=st.sampled_from(["tensor", "sequence"]),
+# Large groups resolve every statistic from a histogram and the exact values of a few bins (or,
+# float32 from 2**20 elements, from a sample's brackets); the shapes of the data decide which
+# bins those are, so vary the data's shape more than its size.
+_LARGE_FUZZ = dict(
+    scope=st.sampled_from(["tensor", "sequence"]),
     share=st.sampled_from(["mad", "fixed"]), percentile_of=st.sampled_from(["signed", "abs"]),
     c=st.floats(0, 1.5), p1=st.floats(0, 100), k=st.floats(0, 4), pmin=st.floats(0, 1), pmax=st.floats(0, 1),
     kappa=st.floats(0, 3), seed=st.integers(0, 2**63 - 1), use_mask=st.booleans(), data_seed=st.integers(0, 2**31),
     shape_kind=st.sampled_from(["normal", "heavy", "uniform", "spikes", "octaves", "one_sided"]),
     scale_exp=st.integers(-30, 30), levels=st.sampled_from([0, 0, 3, 64, 1000]), values=st.lists(_specials, max_size=6),
 )
-def test_fuzz_parity_large_groups(dtype, scope, share, percentile_of, c, p1, k, pmin, pmax, kappa, seed, use_mask,
-                                  data_seed, shape_kind, scale_exp, levels, values):
+
+
+def _check_fuzzed(shape, dtype, scope, share, percentile_of, c, p1, k, pmin, pmax, kappa, seed, use_mask,
+                  data_seed, shape_kind, scale_exp, levels, values):
     pmin, pmax = min(pmin, pmax), max(pmin, pmax)
     config = ARMConfig(c=c, p1=p1, k=k, pmin=pmin, pmax=pmax, kappa=kappa, share=share,
                        percentile_of=percentile_of, scope=scope, seed=seed)
     gen = torch.Generator().manual_seed(data_seed)
-    shape = (1, 3, 50_000)  # one group of 150,000 elements: the large-group path
     x = {
         "normal": lambda: torch.randn(shape, generator=gen),
         "heavy": lambda: torch.randn(shape, generator=gen) / (torch.rand(shape, generator=gen) + 1e-3),
@@ -305,6 +349,24 @@ def test_fuzz_parity_large_groups(dtype, scope, share, percentile_of, c, p1, k, 
     mask = (torch.rand(shape[:2], generator=gen) < 0.7) if use_mask else None
     positions = torch.randint(0, 2**34, shape[:2], generator=gen)
     check(x, mask, positions, config)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dtype=st.sampled_from(DTYPES), **_LARGE_FUZZ)
+def test_fuzz_parity_large_groups(dtype, **kwargs):
+    _check_fuzzed((1, 3, 50_000), dtype, **kwargs)  # one group of 150,000 elements
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(margin=st.sampled_from(["1", "0.3", "0"]), **_LARGE_FUZZ)
+def test_fuzz_parity_sampled_groups(margin, **kwargs):
+    import os
+
+    os.environ["ARMQUANT_SAMPLE_MARGIN"] = margin
+    try:
+        _check_fuzzed(SAMPLED_SHAPE, torch.float32, **kwargs)
+    finally:
+        del os.environ["ARMQUANT_SAMPLE_MARGIN"]
 
 
 # --- build and CUDA ------------------------------------------------------------------------

@@ -343,10 +343,10 @@ const CompressTable& compress_table() {
   return table;
 }
 
-// y[from, to) = x[from, to) with the queued moves (channels relative to channel0) put in;
-// empties the queue. A stretch is short (kStretch at most), so the copy sits in L1 while the
-// moves land in it. stream: build it in a buffer and send it past the cache (non-temporal
-// stores), for outputs too large to stay there.
+// Puts the queued moves (channels relative to channel0) into y[from, to) and empties the
+// queue. Without stream the selection loop has already copied x there, and a stretch is
+// short (kStretch at most), so the moves land in cache. stream: copy and patch in a buffer
+// and send it past the cache (non-temporal stores), for outputs too large to stay there.
 constexpr int64_t kStretch = 4096;
 template <class M>
 __attribute__((target("avx2"))) void write_stretch(const float* x, float* y, int64_t from, int64_t to,
@@ -355,7 +355,7 @@ __attribute__((target("avx2"))) void write_stretch(const float* x, float* y, int
   mover.draw(moved);
   alignas(32) float buffer[kStretch + 8];
   float* out = stream ? buffer - from : y;  // indexed like y
-  std::memcpy(out + from, x + from, (to - from) * sizeof(float));
+  if (stream) std::memcpy(out + from, x + from, (to - from) * sizeof(float));
   const uint32_t* channels = mover.channels();
   for (size_t q = 0; q < mover.size(); ++q) out[channels[q] - channel0] = moved[q];
   mover.set_size(0);
@@ -367,7 +367,7 @@ __attribute__((target("avx2"))) void write_stretch(const float* x, float* y, int
 }
 
 // select_token (below) for float32 with AVX2: no branch per element; the kept lanes are
-// compacted into the mover's queue, and each stretch of y is written once, moves included.
+// compacted into the mover's queue, and y is copied as x is read.
 template <class M>
 __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x, float* y, int64_t n, int64_t first,
                                                                   float t, int64_t tie_quota, bool stream, M& mover) {
@@ -387,6 +387,7 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
       queued = 0;
     }
     const __m256 v = _mm256_loadu_ps(x + j), a = _mm256_and_ps(v, abs_mask);
+    if (!stream) _mm256_storeu_ps(y + j, v);
     unsigned keep = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_LT_OQ)));
     if (unsigned ties = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_EQ_OQ)))) {
       for (; ties && tie_quota > 0; ties &= ties - 1, --tie_quota) keep |= ties & (0u - ties);
@@ -405,6 +406,7 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
       written = j;
       queued = 0;
     }
+    if (!stream) y[j] = x[j];
     const float a = std::fabs(x[j]);
     if (a < t || (a == t && tie_quota > 0)) {
       if (!(a < t)) --tie_quota;
@@ -695,6 +697,703 @@ struct Keys {
   uint32_t operator[](size_t i) const { return data[i]; }
 };
 
+// Thread t's contiguous share of [begin, end). Every pass over a large group splits it the
+// same way, so that per-thread counts line up across passes.
+inline void thread_chunk(int64_t begin, int64_t end, int threads, int t, int64_t* b, int64_t* e) {
+  const int64_t L = end - begin;
+  *b = begin + L * t / threads;
+  *e = begin + L * (t + 1) / threads;
+}
+
+// f(lo, hi) for the stretches of [b, e) that belong to valid tokens, one token at a time.
+template <class F>
+void for_valid_ranges(const Problem& p, int64_t b, int64_t e, F&& f) {
+  while (b < e) {
+    const int64_t token = b / p.I;
+    const int64_t token_end = std::min(e, (token + 1) * p.I);
+    if (token_valid(p, token)) f(b, token_end);
+    b = token_end;
+  }
+}
+
+// ---- large float32 groups: brackets from a sample, then one counting pass ----------------
+//
+// The histogram pass below costs about two cycles per element (a scattered increment each);
+// a vector test of |x| against a few key intervals costs about half that, and it can keep
+// the values inside the intervals as it goes. So a float32 group first draws a sample (runs
+// of contiguous elements spread over the group) and brackets every statistic by the sample's
+// quantiles, with a margin of about four standard errors. One pass over x then counts, per
+// interval, the valid elements below it, and keeps the values inside (about 8% of Gaussian
+// values). A statistic is exact when its rank falls inside its interval, which those counts
+// tell. When one does not (a sample unlike the rest of the group), the histogram path runs
+// instead: the sample decides speed, never the result.
+
+constexpr int kMaxIntervals = 6;  // |x| intervals of the counting pass: m, MAD (2), eps, t, Qp
+constexpr int64_t kSampleRuns = 1024, kSampleRun = 64;
+constexpr int64_t kMinSampledGroup = int64_t{1} << 20;  // below this the sample costs too much
+constexpr uint32_t kFiniteKeys = 0x7f800000u;            // |x| keys of the finite values
+
+struct KeyInterval {  // keys [lo, hi)
+  uint32_t lo, hi;
+  bool contains(uint32_t key) const { return key - lo < hi - lo; }
+};
+
+// Signed keys as int32 that order like x (-0 just below +0), for the vector compares.
+inline int32_t signed_order(uint32_t key) { return static_cast<int32_t>(key ^ 0x80000000u); }
+
+// Counts of one thread's share of the counting pass.
+struct IntervalCounts {
+  int64_t below[kMaxIntervals] = {};  // valid elements with |x| key below interval i
+  int64_t below_signed = 0;           // valid elements with signed key below the signed interval
+  int64_t valid = 0;
+  int32_t min_signed = std::numeric_limits<int32_t>::max();  // signed_order of the smallest x
+  int64_t inside[kMaxIntervals + 1] = {};  // valid elements in each interval, the signed one last
+  size_t kept = 0;
+  size_t segment_start[kMaxIntervals + 1] = {};  // of split_by_interval
+};
+
+struct IntervalSet {
+  KeyInterval abs[kMaxIntervals];
+  int n_abs = 0;
+  bool has_signed = false;
+  KeyInterval signed_keys{0, 0};
+};
+
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2"))) inline int64_t lane_sum(__m256i v) {
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+  int64_t sum = 0;
+  for (uint32_t l : lanes) sum += l;
+  return sum;
+}
+
+// The counting pass over x[0, n), n <= kPieceMax: adds to c, and appends to out (room for
+// n + 8 values) the raw values inside any interval, in order. The intervals are whole bins
+// (keys >> 16), so sixteen elements are compared at a time on their keys' high halves.
+// Every lane is stored and only kept lanes advance the end: whether a lane is kept is a coin
+// toss, and a branch on it would cost more.
+constexpr int64_t kPieceMax = 1 << 16;  // 16-bit lane counters hold a piece's counts
+template <int kAbs, bool kSigned>
+__attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* x, int64_t n, const IntervalSet& set,
+                                                                 IntervalCounts* c, uint32_t* out) {
+  const CompressTable& table = compress_table();
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), finite32 = _mm256_set1_epi32(static_cast<int>(kFiniteKeys));
+  const __m256i finite16 = _mm256_set1_epi16(static_cast<int16_t>(kFiniteKeys >> 16));
+  const __m256i int_max = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
+  __m256i at_least[kAbs + 1], below[kAbs + 1];  // bin lo - 1 and bin hi, as int16
+  __m256i count_ge[kAbs + 1], count_in[kAbs + 1];  // per 16-bit lane: elements at or above lo, and inside
+  for (int i = 0; i < kAbs; ++i) {
+    at_least[i] = _mm256_set1_epi16(static_cast<int16_t>((set.abs[i].lo >> 16) - 1));
+    below[i] = _mm256_set1_epi16(static_cast<int16_t>(set.abs[i].hi >> 16));
+  }
+  if (kSigned) {  // signed_order(key) >> 16 fits int16
+    at_least[kAbs] = _mm256_set1_epi16(static_cast<int16_t>((signed_order(set.signed_keys.lo) >> 16) - 1));
+    below[kAbs] = _mm256_set1_epi16(static_cast<int16_t>(signed_order(set.signed_keys.hi) >> 16));
+  }
+  for (auto& v : count_ge) v = _mm256_setzero_si256();
+  for (auto& v : count_in) v = _mm256_setzero_si256();
+  __m256i valid_count = _mm256_setzero_si256(), min_s = int_max;
+  size_t kept = c->kept;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j));
+    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 8));
+    // High halves of the |x| keys, 16 lanes in the order v0[0..3], v1[0..3], v0[4..7], v1[4..7].
+    const __m256i a0 = _mm256_and_si256(v0, abs_mask), a1 = _mm256_and_si256(v1, abs_mask);
+    const __m256i h = _mm256_packus_epi32(_mm256_srli_epi32(a0, 16), _mm256_srli_epi32(a1, 16));
+    const __m256i valid = _mm256_cmpgt_epi16(finite16, h);
+    valid_count = _mm256_sub_epi16(valid_count, valid);
+    __m256i in = _mm256_setzero_si256();
+    for (int i = 0; i < kAbs; ++i) {  // non-finite keys lie above every interval
+      const __m256i ge = _mm256_cmpgt_epi16(h, at_least[i]), inside = _mm256_and_si256(ge, _mm256_cmpgt_epi16(below[i], h));
+      count_ge[i] = _mm256_sub_epi16(count_ge[i], ge);
+      count_in[i] = _mm256_sub_epi16(count_in[i], inside);
+      in = _mm256_or_si256(in, inside);
+    }
+    // signed_order: flip the magnitude bits of negative values. The minimum needs all 32
+    // bits; invalid lanes read as +max there.
+    const __m256i s0 = _mm256_xor_si256(v0, _mm256_srli_epi32(_mm256_srai_epi32(v0, 31), 1));
+    const __m256i s1 = _mm256_xor_si256(v1, _mm256_srli_epi32(_mm256_srai_epi32(v1, 31), 1));
+    min_s = _mm256_min_epi32(min_s, _mm256_blendv_epi8(int_max, s0, _mm256_cmpgt_epi32(finite32, a0)));
+    min_s = _mm256_min_epi32(min_s, _mm256_blendv_epi8(int_max, s1, _mm256_cmpgt_epi32(finite32, a1)));
+    if (kSigned) {
+      const __m256i sh = _mm256_packs_epi32(_mm256_srai_epi32(s0, 16), _mm256_srai_epi32(s1, 16));
+      const __m256i ge = _mm256_and_si256(_mm256_cmpgt_epi16(sh, at_least[kAbs]), valid);
+      const __m256i inside = _mm256_and_si256(ge, _mm256_cmpgt_epi16(below[kAbs], sh));
+      count_ge[kAbs] = _mm256_sub_epi16(count_ge[kAbs], ge);
+      count_in[kAbs] = _mm256_sub_epi16(count_in[kAbs], inside);
+      in = _mm256_or_si256(in, inside);
+    }
+    // Back to 32-bit lanes: the low words of each 128-bit half are v0's, the high words v1's.
+    const unsigned mask0 =
+        static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(in, in))));
+    const unsigned mask1 =
+        static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(in, in))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept),
+                        _mm256_permutevar8x32_epi32(
+                            v0, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask0]))));
+    kept += static_cast<size_t>(__builtin_popcount(mask0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept),
+                        _mm256_permutevar8x32_epi32(
+                            v1, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask1]))));
+    kept += static_cast<size_t>(__builtin_popcount(mask1));
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t valid_head = lane_sum(_mm256_madd_epi16(valid_count, ones));
+  c->valid += valid_head;
+  for (int i = 0; i < kAbs; ++i) c->below[i] += j - lane_sum(_mm256_madd_epi16(count_ge[i], ones));
+  if (kSigned) c->below_signed += valid_head - lane_sum(_mm256_madd_epi16(count_ge[kAbs], ones));
+  for (int i = 0; i < kAbs + (kSigned ? 1 : 0); ++i) c->inside[i] += lane_sum(_mm256_madd_epi16(count_in[i], ones));
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), min_s);
+  for (uint32_t l : lanes) c->min_signed = std::min(c->min_signed, static_cast<int32_t>(l));
+  for (; j < n; ++j) {  // the tail, one at a time
+    const uint32_t a = x[j] & 0x7fffffffu;
+    if (a >= kFiniteKeys) continue;
+    ++c->valid;
+    const uint32_t skey = signed_key(float_of(x[j]));
+    c->min_signed = std::min(c->min_signed, signed_order(skey));
+    bool in = false;
+    for (int i = 0; i < kAbs; ++i) {
+      c->below[i] += a < set.abs[i].lo;
+      c->inside[i] += set.abs[i].contains(a);
+      in |= set.abs[i].contains(a);
+    }
+    if (kSigned) {
+      c->below_signed += skey < set.signed_keys.lo;
+      c->inside[kAbs] += set.signed_keys.contains(skey);
+      in |= set.signed_keys.contains(skey);
+    }
+    out[kept] = x[j];
+    kept += in;
+  }
+  c->kept = kept;
+}
+
+using CountAndKeep = void (*)(const uint32_t*, int64_t, const IntervalSet&, IntervalCounts*, uint32_t*);
+CountAndKeep count_and_keep_for(const IntervalSet& set) {
+  static const CountAndKeep table[2][kMaxIntervals] = {
+      {count_and_keep_avx2<1, false>, count_and_keep_avx2<2, false>, count_and_keep_avx2<3, false>,
+       count_and_keep_avx2<4, false>, count_and_keep_avx2<5, false>, count_and_keep_avx2<6, false>},
+      {count_and_keep_avx2<1, true>, count_and_keep_avx2<2, true>, count_and_keep_avx2<3, true>,
+       count_and_keep_avx2<4, true>, count_and_keep_avx2<5, true>, count_and_keep_avx2<6, true>}};
+  return table[set.has_signed][set.n_abs - 1];
+}
+
+// Appends to out (room for n + 8) the keys[j] (j < n) that lie in w, in order; returns how many.
+__attribute__((target("avx2,popcnt"))) size_t keys_in_avx2(const uint32_t* keys, size_t n, KeyInterval w, uint32_t* out) {
+  const CompressTable& table = compress_table();
+  const __m256i flip = _mm256_set1_epi32(std::numeric_limits<int32_t>::min()), lo = _mm256_set1_epi32(static_cast<int>(w.lo));
+  const __m256i span = _mm256_set1_epi32(static_cast<int>((w.hi - w.lo) ^ 0x80000000u));
+  size_t kept = 0, j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j));
+    // key - lo < hi - lo, unsigned: flip the sign bits and compare signed.
+    const __m256i in = _mm256_cmpgt_epi32(span, _mm256_xor_si256(_mm256_sub_epi32(key, lo), flip));
+    const unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(in)));
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept), _mm256_permutevar8x32_epi32(key, perm));
+    kept += static_cast<size_t>(__builtin_popcount(mask));
+  }
+  for (; j < n; ++j) {
+    out[kept] = keys[j];
+    kept += w.contains(keys[j]);
+  }
+  return kept;
+}
+
+// Splits the kept raw values v[0, n) by interval, as keys: segment i < set.n_abs holds the
+// |x| keys in set.abs[i], the last (with set.has_signed) the signed keys in set.signed_keys.
+// Segment i is out[start[i], start[i] + count[i]), count from the counting pass; 8 spare
+// slots follow each.
+__attribute__((target("avx2,popcnt"))) void split_by_interval_avx2(const uint32_t* v, size_t n, const IntervalSet& set,
+                                                                   const int64_t* count, std::vector<uint32_t>* out,
+                                                                   size_t* start) {
+  const CompressTable& table = compress_table();
+  const int segments = set.n_abs + (set.has_signed ? 1 : 0);
+  const __m256i flip = _mm256_set1_epi32(std::numeric_limits<int32_t>::min());
+  __m256i lo[kMaxIntervals + 1], span[kMaxIntervals + 1];
+  for (int i = 0; i < segments; ++i) {
+    const KeyInterval w = i < set.n_abs ? set.abs[i] : set.signed_keys;
+    lo[i] = _mm256_set1_epi32(static_cast<int>(w.lo));
+    span[i] = _mm256_set1_epi32(static_cast<int>((w.hi - w.lo) ^ 0x80000000u));
+  }
+  auto key_of = [&](__m256i raw, int i) __attribute__((target("avx2"))) {
+    return i < set.n_abs ? _mm256_and_si256(raw, _mm256_set1_epi32(0x7fffffff))
+                         : _mm256_xor_si256(raw, _mm256_or_si256(_mm256_srai_epi32(raw, 31), flip));
+  };
+  auto in_segment = [&](__m256i key, int i) __attribute__((target("avx2"))) {
+    return static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(
+        _mm256_cmpgt_epi32(span[i], _mm256_xor_si256(_mm256_sub_epi32(key, lo[i]), flip)))));
+  };
+  auto scalar_key = [&](uint32_t raw, int i) { return i < set.n_abs ? raw & 0x7fffffffu : signed_key(float_of(raw)); };
+  auto scalar_in = [&](uint32_t key, int i) { return (i < set.n_abs ? set.abs[i] : set.signed_keys).contains(key); };
+  const size_t body = n & ~size_t{7};
+  start[0] = 0;
+  for (int i = 1; i < segments; ++i) start[i] = start[i - 1] + static_cast<size_t>(count[i - 1]) + 8;
+  const size_t room = start[segments - 1] + n + 8;  // no write leaves the buffer, counts right or not
+  if (out->size() < room) out->resize(room);
+  size_t fill[kMaxIntervals + 1];
+  for (int i = 0; i < segments; ++i) fill[i] = start[i];
+  uint32_t* o = out->data();
+  for (size_t j = 0; j < body; j += 8) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j));
+    for (int i = 0; i < segments; ++i) {
+      const __m256i key = key_of(raw, i);
+      const unsigned mask = in_segment(key, i);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + fill[i]),
+                          _mm256_permutevar8x32_epi32(key, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask]))));
+      fill[i] += static_cast<size_t>(__builtin_popcount(mask));
+    }
+  }
+  for (size_t j = body; j < n; ++j)
+    for (int i = 0; i < segments; ++i) {
+      const uint32_t key = scalar_key(v[j], i);
+      o[fill[i]] = key;
+      fill[i] += scalar_in(key, i);
+    }
+  for (int i = 0; i < segments; ++i)
+    if (fill[i] != start[i] + static_cast<size_t>(count[i])) throw std::logic_error("ARM interval counts disagree");
+}
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+// Rank k (0-based, ascending) of keys[0, n), all in w; reorders keys. Each round counts the
+// keys below 15 evenly spaced pivots and keeps those of the sixteenth that holds rank k;
+// a few hundred left are selected directly.
+__attribute__((target("avx2,popcnt"))) uint32_t kth_key_avx2(uint32_t* keys, size_t n, KeyInterval w, int64_t k) {
+  constexpr int kPivots = 15;
+  const CompressTable& table = compress_table();
+  const __m256i flip = _mm256_set1_epi32(std::numeric_limits<int32_t>::min());
+  while (n > 512 && w.hi - w.lo > kPivots + 1) {
+    const uint32_t step = (w.hi - w.lo) / (kPivots + 1) + 1;
+    uint32_t bound[kPivots + 2];  // the sixteenths' ends, clamped to w
+    for (int i = 0; i <= kPivots + 1; ++i) bound[i] = static_cast<uint32_t>(std::min<uint64_t>(uint64_t{w.lo} + uint64_t{step} * i, w.hi));
+    bound[kPivots + 1] = w.hi;
+    __m256i pivot[kPivots], below[kPivots];
+    for (int i = 0; i < kPivots; ++i) {  // unsigned compares: flip the sign bits
+      pivot[i] = _mm256_set1_epi32(static_cast<int>(bound[i + 1] ^ 0x80000000u));
+      below[i] = _mm256_setzero_si256();
+    }
+    size_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j)), flip);
+      for (int i = 0; i < kPivots; ++i) below[i] = _mm256_sub_epi32(below[i], _mm256_cmpgt_epi32(pivot[i], v));
+    }
+    int64_t count[kPivots + 1];
+    for (int i = 0; i < kPivots; ++i) {
+      count[i] = lane_sum(below[i]);
+      for (size_t t = j; t < n; ++t) count[i] += keys[t] < bound[i + 1];
+    }
+    count[kPivots] = static_cast<int64_t>(n);
+    int s = 0;
+    while (count[s] <= k) ++s;
+    const int64_t before = s > 0 ? count[s - 1] : 0;
+    const KeyInterval part{bound[s], bound[s + 1]};  // holds rank k, so not empty
+    size_t kept = 0;
+    const __m256i lo = _mm256_set1_epi32(static_cast<int>(part.lo));
+    const __m256i span = _mm256_set1_epi32(static_cast<int>((part.hi - part.lo) ^ 0x80000000u));
+    for (j = 0; j + 8 <= n; j += 8) {  // in place: the write end never passes the read end
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j));
+      const __m256i in = _mm256_cmpgt_epi32(span, _mm256_xor_si256(_mm256_sub_epi32(v, lo), flip));
+      const unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(in)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + kept),
+                          _mm256_permutevar8x32_epi32(
+                              v, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask]))));
+      kept += static_cast<size_t>(__builtin_popcount(mask));
+    }
+    for (; j < n; ++j) {
+      const uint32_t v = keys[j];
+      keys[kept] = v;
+      kept += part.contains(v);
+    }
+    n = kept;
+    k -= before;
+    w = part;
+  }
+  std::nth_element(keys, keys + k, keys + n);
+  return keys[k];
+}
+
+// d = |a - m| of the |x| keys keys[0, n), in place, kept only where d lies in (cut_lo,
+// cut_hi]; returns how many, and adds to *low those at or below cut_lo.
+__attribute__((target("avx2,popcnt"))) size_t distances_avx2(uint32_t* keys, size_t n, float m, float cut_lo,
+                                                             float cut_hi, int64_t* low) {
+  const CompressTable& table = compress_table();
+  const __m256 vm = _mm256_set1_ps(m), lo = _mm256_set1_ps(cut_lo), hi = _mm256_set1_ps(cut_hi);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256i low_count = _mm256_setzero_si256();
+  size_t kept = 0, j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 a = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j)));
+    const __m256 d = _mm256_and_ps(_mm256_sub_ps(a, vm), abs_mask);
+    const __m256 at_low = _mm256_cmp_ps(d, lo, _CMP_LE_OQ);
+    low_count = _mm256_sub_epi32(low_count, _mm256_castps_si256(at_low));
+    const __m256 in = _mm256_andnot_ps(at_low, _mm256_cmp_ps(d, hi, _CMP_LE_OQ));
+    const unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(in));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + kept),
+                        _mm256_permutevar8x32_epi32(_mm256_castps_si256(d), _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask]))));
+    kept += static_cast<size_t>(__builtin_popcount(mask));
+  }
+  *low += lane_sum(low_count);
+  for (; j < n; ++j) {
+    const float d = std::fabs(float_of(keys[j]) - m);
+    *low += d <= cut_lo;
+    keys[kept] = bits_of(d);
+    kept += d > cut_lo && d <= cut_hi;
+  }
+  return kept;
+}
+#endif
+
+// Kept by the calling thread from call to call, like LargeGroupWorkspace.
+struct SampledWorkspace {
+  std::vector<uint32_t> hist;                 // sample counts per bin of signed keys (key >> 16)
+  std::vector<uint32_t> cum_abs, cum_signed;  // cumulative sample counts per |x| and signed bin
+  std::vector<std::vector<uint32_t>> kept;    // per thread: the values inside the intervals
+  std::vector<std::vector<uint32_t>> parts;   // per thread: their keys, split by interval
+  std::vector<uint32_t> keys;                 // selection scratch
+};
+
+// $ARMQUANT_DISABLE_SAMPLING (any value) sends every group down the histogram path, so that
+// tests and benchmarks can compare the two. Read on each call, as tests change it.
+bool sampling_enabled() { return !std::getenv("ARMQUANT_DISABLE_SAMPLING"); }
+
+// Margins on the sample's quantiles: 4.8 standard errors. On the activations of SmolLM2 and
+// Gemma-3 (4 layers each, 3 presets) no bracket missed down to 2.4 of them; a miss only costs
+// time. $ARMQUANT_SAMPLE_MARGIN scales them (0 makes tests hit the fallback often).
+double sample_margin_scale() {
+  const char* v = std::getenv("ARMQUANT_SAMPLE_MARGIN");
+  return v ? std::atof(v) : 1.0;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// Statistics of one large float32 group from a sample and one counting pass; false when the
+// sample's brackets missed a statistic (or the CPU lacks AVX2), with nothing written.
+class SampledStatistics {
+ public:
+  SampledStatistics(const Problem& p, int64_t begin, int64_t end, int threads, SampledWorkspace& ws)
+      : p_(p), x_(static_cast<const uint32_t*>(p.x)), begin_(begin), end_(end), threads_(threads), ws_(ws) {}
+
+  bool run(Stats* st, std::vector<int64_t>* quota) {
+    if (!use_avx2() || !sampling_enabled() || end_ - begin_ < kMinSampledGroup) return false;
+    return draw_sample() && bracket() && count() && resolve(st, quota);
+  }
+
+ private:
+  static constexpr uint32_t kAbsBins = 32768, kSignedBins = 65536;  // keys >> 16
+
+  // Counts per signed bin of the finite values in kSampleRuns runs of kSampleRun elements,
+  // one in each stride of the group, at a scrambled offset: activations vary by channel, and
+  // runs at one offset would see the same channels whenever the stride is a multiple of them.
+  bool draw_sample() {
+    std::vector<uint32_t>& hist = ws_.hist;
+    hist.assign(kSignedBins, 0);
+    const int64_t stride = (end_ - begin_) / kSampleRuns;
+    for (int64_t j = 0; j < kSampleRuns; ++j) {
+      const uint64_t scrambled = (static_cast<uint64_t>(j) * 0x9e3779b97f4a7c15ull) >> 32;
+      const int64_t b = begin_ + j * stride + static_cast<int64_t>(scrambled % static_cast<uint64_t>(stride - kSampleRun + 1));
+      for_valid_ranges(p_, b, b + kSampleRun, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i)
+          if ((x_[i] & 0x7fffffffu) < kFiniteKeys) ++hist[signed_key(float_of(x_[i])) >> 16];
+      });
+    }
+    // Cumulative counts; |x| bin h is signed bins 0x8000 + h (positive) and 0x7fff - h.
+    ws_.cum_signed.resize(kSignedBins + 1);
+    ws_.cum_signed[0] = 0;
+    std::partial_sum(hist.begin(), hist.end(), ws_.cum_signed.begin() + 1);
+    ws_.cum_abs.resize(kAbsBins + 1);
+    ws_.cum_abs[0] = 0;
+    for (uint32_t h = 0; h < kAbsBins; ++h) ws_.cum_abs[h + 1] = ws_.cum_abs[h] + hist[0x8000u + h] + hist[0x7fffu - h];
+    n_sample_ = ws_.cum_abs[kAbsBins];
+    return n_sample_ >= kSampleRun;  // else mostly masked or non-finite: too little to go on
+  }
+
+  int64_t sample_rank(double f) const {
+    return std::min<int64_t>(std::max<int64_t>(static_cast<int64_t>(std::floor(f * n_sample_)), 0), n_sample_ - 1);
+  }
+  // The bin that holds the sample's value of quantile f.
+  uint32_t bin_at(const std::vector<uint32_t>& cum, double f) const {
+    return static_cast<uint32_t>(std::upper_bound(cum.begin(), cum.end(), static_cast<uint32_t>(sample_rank(f))) -
+                                 cum.begin() - 1);
+  }
+  double margin(double f) const {
+    f = std::min(std::max(f, 0.0), 1.0);
+    const double n = static_cast<double>(n_sample_);
+    return margin_scale_ * (4.8 * std::sqrt(std::max(f * (1.0 - f), 1.0 / n) / n) + 2.0 / n);
+  }
+  // |x| keys from the bin of quantile f1 - margin to that of f2 + margin.
+  KeyInterval abs_around(double f1, double f2) const {
+    return {bin_at(ws_.cum_abs, f1 - margin(f1)) << 16, (bin_at(ws_.cum_abs, f2 + margin(f2)) + 1) << 16};
+  }
+  static uint32_t abs_key(float v) { return v > 0 ? std::min(bits_of(v), kFiniteKeys) : 0u; }  // of v >= 0
+  // Out to whole bins, and past float rounding.
+  static uint32_t widen_down(uint32_t key) { return (key > 64 ? key - 64 : 0) & 0xffff0000u; }
+  static uint32_t widen_up(uint32_t key) { return std::min((key + 64 + 0xffffu) & 0xffff0000u, kFiniteKeys); }
+
+  // Bounds on the MAD about m0, from the sample's |x| bins: the rank (0.5 -/+ margin) n of
+  // d = |a - m0| lies between the smallest D whose window [m0 - D, m0 + D] touches bins holding
+  // more than that many values, and the smallest D whose window covers whole bins holding more.
+  std::pair<float, float> sample_mad(float m0) const {
+    const std::vector<uint32_t>& cum = ws_.cum_abs;
+    auto within = [&](float D, bool whole) {  // sampled values in the window's bins
+      const uint32_t lo = abs_key(m0 - D) >> 16, hi = std::min(abs_key(m0 + D) >> 16, kAbsBins - 1);
+      if (!whole) return static_cast<int64_t>(cum[hi + 1]) - cum[lo];
+      return hi > lo + 1 ? static_cast<int64_t>(cum[hi]) - cum[lo + 1] : int64_t{0};
+    };
+    auto smallest = [&](int64_t rank, bool whole) {  // the smallest D with within(D) > rank
+      uint32_t lo = 0, hi = bits_of(std::numeric_limits<float>::max());
+      while (lo < hi) {
+        const uint32_t mid = lo + (hi - lo) / 2;
+        if (within(float_of(mid), whole) > rank) hi = mid;
+        else lo = mid + 1;
+      }
+      return float_of(lo);
+    };
+    return {smallest(sample_rank(0.5 - margin(0.5)), false), smallest(sample_rank(0.5 + margin(0.5)), true)};
+  }
+
+  // The intervals, from the sample: each statistic's range, and the ranges of the values it
+  // depends on.
+  bool bracket() {
+    const armq_attrs& at = p_.attrs;
+    // m: rank (N - 1) / 2.
+    m_ = abs_around(0.5, 0.5);
+    const float m_lo = float_of(m_.lo), m_hi = float_of(m_.hi - 1);
+    // The MAD. m - MAD(m) and m + MAD(m) never fall as m rises (each d moves no more than
+    // m does), so m's range and the MAD's at its two ends bound both.
+    const auto [mad_lo_at_lo, mad_hi_at_lo] = sample_mad(m_lo);
+    const auto [mad_lo_at_hi, mad_hi_at_hi] = sample_mad(m_hi);
+    below_m_ = {widen_down(abs_key(m_lo - mad_hi_at_lo)), widen_up(abs_key(m_hi - mad_lo_at_hi) + 1)};
+    above_m_ = {widen_down(abs_key(m_lo + mad_lo_at_lo)), widen_up(abs_key(m_hi + mad_hi_at_hi) + 1)};
+    std::vector<KeyInterval> wanted = {m_, below_m_, above_m_};
+    // eps, and the share moved that count(a < eps) gives.
+    double frac_lo, frac_hi;
+    if (at.share_fixed) {
+      frac_lo = frac_hi = std::min(std::max(static_cast<double>(at.c), 0.0), 1.0);
+    } else {
+      const float eps_lo = epsilon(at, std::min(mad_lo_at_lo, mad_lo_at_hi));
+      const float eps_hi = epsilon(at, std::max(mad_hi_at_lo, mad_hi_at_hi));
+      if (!(eps_lo >= 0 && eps_lo <= eps_hi && std::isfinite(eps_hi) && at.k >= 0)) return false;
+      eps_ = {widen_down(abs_key(eps_lo)), widen_up(abs_key(eps_hi) + 1)};
+      wanted.push_back(eps_);
+      const double n = static_cast<double>(n_sample_);
+      const double near_lo = ws_.cum_abs[eps_.lo >> 16] / n, near_hi = ws_.cum_abs[((eps_.hi - 1) >> 16) + 1] / n;
+      auto share = [&](double near) {
+        return std::min(std::max(static_cast<double>(at.k) * near, static_cast<double>(at.pmin)),
+                        static_cast<double>(at.pmax));
+      };
+      frac_lo = share(near_lo - margin(near_lo));
+      frac_hi = share(near_hi + margin(near_hi));
+    }
+    t_ = abs_around(frac_lo, frac_hi);  // rank n - 1 of |x|
+    wanted.push_back(t_);
+    const double q = static_cast<double>(at.p1) / 100.0;
+    if (at.percentile_abs) {
+      p_abs_ = abs_around(q, q);
+      wanted.push_back(p_abs_);
+    } else {
+      set_.has_signed = true;
+      set_.signed_keys = {bin_at(ws_.cum_signed, q - margin(q)) << 16,
+                          (bin_at(ws_.cum_signed, q + margin(q)) + 1) << 16};
+    }
+    // Disjoint and ascending, for the counting pass.
+    std::sort(wanted.begin(), wanted.end(), [](KeyInterval a, KeyInterval b) { return a.lo < b.lo; });
+    for (const KeyInterval& w : wanted) {
+      if (set_.n_abs > 0 && w.lo <= set_.abs[set_.n_abs - 1].hi)
+        set_.abs[set_.n_abs - 1].hi = std::max(set_.abs[set_.n_abs - 1].hi, w.hi);
+      else
+        set_.abs[set_.n_abs++] = w;
+    }
+    return true;
+  }
+
+  // The pass over x, split across threads as the selection pass will be.
+  bool count() {
+    const CountAndKeep count_and_keep = count_and_keep_for(set_);
+    counts_.assign(threads_, IntervalCounts{});
+    if (ws_.kept.size() < static_cast<size_t>(threads_)) ws_.kept.resize(threads_), ws_.parts.resize(threads_);
+    run_threads(threads_, [&](int t) {
+      int64_t b, e;
+      thread_chunk(begin_, end_, threads_, t, &b, &e);
+      std::vector<uint32_t>& out = ws_.kept[t];
+      IntervalCounts& c = counts_[t];
+      for_valid_ranges(p_, b, e, [&](int64_t lo, int64_t hi) {
+        for (int64_t at = lo; at < hi; at += kPieceMax) {
+          const int64_t n = std::min(kPieceMax, hi - at);
+          if (out.size() < c.kept + n + 8) out.resize(std::max(2 * out.size(), c.kept + n + 8));
+          count_and_keep(x_ + at, n, set_, &c, out.data());
+        }
+      });
+      split_by_interval_avx2(out.data(), c.kept, set_, c.inside, &ws_.parts[t], c.segment_start);
+    });
+    for (const IntervalCounts& c : counts_) {
+      n_valid_ += c.valid;
+      for (int i = 0; i < set_.n_abs; ++i) below_[i] += c.below[i];
+      below_signed_ += c.below_signed;
+    }
+    return n_valid_ > 0;
+  }
+
+  // Index of the counting interval that holds interval w.
+  int interval_of(KeyInterval w) const {
+    for (int i = 0; i < set_.n_abs; ++i)
+      if (set_.abs[i].contains(w.lo)) return i;
+    throw std::logic_error("ARM bracket outside the counting intervals");
+  }
+
+  // Writes to ws_.keys from offset on the keys in w of threads [t0, t1)'s kept values (|x|
+  // keys, or signed ones); returns the new end.
+  size_t collect(KeyInterval w, bool signed_keys, int t0, int t1, size_t offset = 0) {
+    const int segment = signed_keys ? set_.n_abs : interval_of(w);
+    size_t total = offset + 8;
+    for (int t = t0; t < t1; ++t) total += static_cast<size_t>(counts_[t].inside[segment]);
+    if (ws_.keys.size() < total) ws_.keys.resize(total);
+    for (int t = t0; t < t1; ++t) {
+      const IntervalCounts& c = counts_[t];
+      offset += keys_in_avx2(ws_.parts[t].data() + c.segment_start[segment], static_cast<size_t>(c.inside[segment]), w,
+                             ws_.keys.data() + offset);
+    }
+    return offset;
+  }
+  size_t count_in(KeyInterval w, bool signed_keys = false) { return collect(w, signed_keys, 0, threads_); }
+
+  // Rank k of the kept values' keys in w; false when fewer than k + 1 lie there.
+  bool kth_in(KeyInterval w, int64_t k, bool signed_keys, uint32_t* key) {
+    if (k < 0) return false;
+    const size_t n = collect(w, signed_keys, 0, threads_);
+    if (static_cast<int64_t>(n) <= k) return false;
+    *key = kth_key_avx2(ws_.keys.data(), n, w, k);
+    return true;
+  }
+
+  bool resolve(Stats* st, std::vector<int64_t>* quota) {
+    const armq_attrs& at = p_.attrs;
+    const int64_t N = n_valid_, rank = (N - 1) / 2;
+    const int im = interval_of(m_);
+    uint32_t key;
+    if (!kth_in(set_.abs[im], rank - below_[im], false, &key)) return false;
+    const float m = float_of(key);
+    float mad;
+    if (!resolve_mad(m, rank, &mad)) return false;
+    // eps and n.
+    int64_t near = 0;
+    if (!at.share_fixed) {
+      const uint32_t eps_key = abs_key(epsilon(at, mad));
+      const int ie = interval_of(eps_);
+      const KeyInterval e = set_.abs[ie];
+      if (!(eps_key >= e.lo && eps_key <= e.hi)) return false;
+      near = below_[ie] + static_cast<int64_t>(count_in({e.lo, eps_key}));
+    }
+    const int64_t n = moved_count(at, N, near);
+    // The threshold, rank n - 1 of |x|, and how many of its ties move.
+    const int it = interval_of(t_);
+    if (!kth_in(set_.abs[it], n - 1 - below_[it], false, &key)) return false;
+    const uint32_t t_key = key;
+    const int64_t below_t = below_[it] + static_cast<int64_t>(count_in({set_.abs[it].lo, t_key}));
+    // Qp.
+    const PercentileRanks pr = percentile_ranks(at, N);
+    float v[2];
+    const int64_t ranks[2] = {pr.lo_index, pr.hi_index};
+    for (int i = 0; i < 2; ++i) {
+      if (at.percentile_abs) {
+        const int ip = interval_of(p_abs_);
+        if (!kth_in(set_.abs[ip], ranks[i] - below_[ip], false, &key)) return false;
+        v[i] = float_of(key);
+      } else {
+        if (!kth_in(set_.signed_keys, ranks[i] - below_signed_, true, &key)) return false;
+        v[i] = from_signed_key(key);
+      }
+    }
+    int32_t min_signed = std::numeric_limits<int32_t>::max();
+    for (const IntervalCounts& c : counts_) min_signed = std::min(min_signed, c.min_signed);
+    st->n_valid = N;
+    st->threshold = float_of(t_key);
+    st->tie_quota = n - below_t;
+    st->q_p = interpolate(pr, v[0], v[1]);
+    st->m_neg = std::fabs(from_signed_key(static_cast<uint32_t>(min_signed) ^ 0x80000000u));
+    // Ties are taken in flat order: the earliest chunks take theirs first.
+    int64_t left = st->tie_quota;
+    for (int t = 0; t < threads_; ++t) {
+      const int64_t ties = static_cast<int64_t>(collect({t_key, t_key + 1}, false, t, t + 1));
+      (*quota)[t] = std::min(ties, left);
+      left -= (*quota)[t];
+    }
+    return true;
+  }
+
+  // The MAD, rank `rank` of d = |a - m|. The kept values of the intervals around m - MAD and
+  // m + MAD give their d exactly. Every other stretch of |x| keys (another interval with the
+  // gap after it, or a gap) has a known count and d-bounds from its ends: those between the
+  // two intervals lie at or below cut_lo (the largest of their bounds), those outside at or
+  // above cut_hi (the smallest). The MAD is exact when its rank falls among the exact d's in
+  // (cut_lo, cut_hi].
+  bool resolve_mad(float m, int64_t rank, float* mad) {
+    const int ib = interval_of(below_m_), ia = interval_of(above_m_);
+    const size_t n_below = collect(set_.abs[ib], false, 0, threads_);
+    const size_t n_exact = ia == ib ? n_below : collect(set_.abs[ia], false, 0, threads_, n_below);
+    int64_t low = 0;
+    float cut_lo = -1, cut_hi = std::numeric_limits<float>::infinity();
+    auto stretch = [&](uint32_t lo, uint32_t hi, int64_t count) {
+      if (count == 0) return;
+      const float a_min = float_of(lo), a_max = float_of(hi - 1);
+      float dmin, dmax;
+      if (a_max < m) dmin = m - a_max, dmax = m - a_min;
+      else if (a_min > m) dmin = a_min - m, dmax = a_max - m;
+      else dmin = 0, dmax = std::max(m - a_min, a_max - m);
+      if (ia != ib && lo >= set_.abs[ib].hi && hi <= set_.abs[ia].lo) {
+        low += count;
+        cut_lo = std::max(cut_lo, dmax);
+      } else {
+        cut_hi = std::min(cut_hi, dmin);
+      }
+    };
+    stretch(0, set_.abs[0].lo, below_[0]);
+    for (int i = 0; i < set_.n_abs; ++i) {
+      const uint32_t next = i + 1 < set_.n_abs ? set_.abs[i + 1].lo : kFiniteKeys;
+      const int64_t count = (i + 1 < set_.n_abs ? below_[i + 1] : n_valid_) - below_[i];
+      if (i == ib) stretch(set_.abs[i].hi, next, count - static_cast<int64_t>(n_below));
+      else if (i == ia) stretch(set_.abs[i].hi, next, count - static_cast<int64_t>(n_exact - n_below));
+      else stretch(set_.abs[i].lo, next, count);
+    }
+    if (!(cut_lo < cut_hi)) return false;
+    // The exact d's in (cut_lo, cut_hi], in place.
+    const size_t n_mid = distances_avx2(ws_.keys.data(), n_exact, m, cut_lo, cut_hi, &low);
+    const int64_t k = rank - low;
+    if (k < 0 || k >= static_cast<int64_t>(n_mid)) return false;
+    const uint32_t mid_lo = cut_lo < 0 ? 0u : bits_of(cut_lo) + 1;
+    *mad = float_of(kth_key_avx2(ws_.keys.data(), n_mid, {mid_lo, bits_of(cut_hi) + 1}, k));
+    return true;
+  }
+
+  const Problem& p_;
+  const uint32_t* x_;
+  int64_t begin_, end_;
+  int threads_;
+  SampledWorkspace& ws_;
+  const double margin_scale_ = sample_margin_scale();
+  int64_t n_sample_ = 0;
+  // Brackets of |x| keys: of m, of the values whose d can be the MAD, of eps, t and Qp.
+  KeyInterval m_{0, 0}, below_m_{0, 0}, above_m_{0, 0}, eps_{0, 0}, t_{0, 0}, p_abs_{0, 0};
+  IntervalSet set_;
+  // The counting pass.
+  std::vector<IntervalCounts> counts_;
+  int64_t n_valid_ = 0, below_[kMaxIntervals] = {}, below_signed_ = 0;
+};
+#endif
+
+// The statistics of a large float32 group from a sample, where that works (see above).
+bool sampled_statistics(const Problem& p, int64_t begin, int64_t end, int threads, SampledWorkspace& ws, Stats* st,
+                        std::vector<int64_t>* quota) {
+#if defined(__x86_64__) || defined(__i386__)
+  return SampledStatistics(p, begin, end, threads, ws).run(st, quota);
+#else
+  (void)p, (void)begin, (void)end, (void)threads, (void)ws, (void)st, (void)quota;
+  return false;
+#endif
+}
+
 // ---- large groups: one histogram, the exact values of a few bins, one selection pass ------
 
 constexpr int kRawBins = 65536;  // bins of the raw high 16 bits: sign, exponent, top mantissa
@@ -713,6 +1412,7 @@ struct LargeGroupWorkspace {
   std::vector<uint32_t> raw_bins, abs_bins;  // the non-empty bins, ascending
   std::vector<int32_t> gathered_of_raw;      // index in LargeGroup::gathered_, or -1
   std::vector<LargeGroupDBin> d_bins;        // scratch of mad_range
+  SampledWorkspace sampled;                  // of the float32 path that tries a sample first
 };
 
 // One group too large for scratch copies. Passes over x, each split across threads, thread t
@@ -735,14 +1435,19 @@ class LargeGroup {
       : p_(p), x_(static_cast<const Raw*>(p.x)), begin_(begin), end_(end), threads_(threads), ws_(ws) {}
 
   void run() {
-    histogram();
     Stats st;
     std::vector<int64_t> quota(threads_, 0);
-    if (n_valid_ > 0) {
-      std::vector<uint32_t> need;
-      while (!resolve(&st, &quota, &need)) {
-        collect(need);
-        need.clear();
+    bool sampled = false;
+    if constexpr (std::is_same<D, Float32>::value)
+      sampled = sampled_statistics(p_, begin_, end_, threads_, ws_.sampled, &st, &quota);
+    if (!sampled) {
+      histogram();
+      if (n_valid_ > 0) {
+        std::vector<uint32_t> need;
+        while (!resolve(&st, &quota, &need)) {
+          collect(need);
+          need.clear();
+        }
       }
     }
     run_threads(threads_, [&](int t) {
@@ -777,7 +1482,7 @@ class LargeGroup {
       chunk(t, &b, &e);
       uint32_t* h = &ws_.local[t * static_cast<size_t>(kRawBins)];
       std::fill(h, h + kRawBins, 0u);
-      for_ranges(b, e, [&](int64_t lo, int64_t hi) {
+      for_valid_ranges(p_, b, e, [&](int64_t lo, int64_t hi) {
         for (int64_t i = lo; i < hi; ++i) ++h[raw_high(x_[i])];
       });
     });
@@ -1141,7 +1846,7 @@ class LargeGroup {
           for (uint32_t a = lo[i] >> 16; a < hi[i] >> 16; ++a) room += h[a] + h[a | 0x8000u];
         std::vector<uint32_t> staged(room);
         size_t kept = 0;
-        for_ranges(b, e, [&](int64_t first, int64_t stop) {
+        for_valid_ranges(p_, b, e, [&](int64_t first, int64_t stop) {
           const uint32_t* x = reinterpret_cast<const uint32_t*>(x_ + first);
 #if defined(__x86_64__) || defined(__i386__)
           if (use_avx2()) {
@@ -1186,21 +1891,7 @@ class LargeGroup {
     }
   }
 
-  template <class F>
-  void for_ranges(int64_t b, int64_t e, F&& f) const {  // elements of valid tokens, as ranges
-    while (b < e) {
-      const int64_t token = b / p_.I;
-      const int64_t token_end = std::min(e, (token + 1) * p_.I);
-      if (token_valid(p_, token)) f(b, token_end);
-      b = token_end;
-    }
-  }
-
-  void chunk(int t, int64_t* b, int64_t* e) const {
-    const int64_t L = end_ - begin_;
-    *b = begin_ + L * t / threads_;
-    *e = begin_ + L * (t + 1) / threads_;
-  }
+  void chunk(int t, int64_t* b, int64_t* e) const { thread_chunk(begin_, end_, threads_, t, b, e); }
 
   struct Gathered {
     Keys keys;  // the bin's |x| keys, ascending
