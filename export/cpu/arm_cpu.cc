@@ -42,6 +42,10 @@
 #include <sched.h>
 #endif
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace armq {
 namespace {
 
@@ -317,6 +321,12 @@ class Mover {
   float x_[kBatch];
 };
 
+// The ties (a == t) in one thread's share of a group: how many it holds, and how many of
+// them move (the earliest in flat order). present < 0: not counted.
+struct TieShare {
+  int64_t take = 0, present = -1;
+};
+
 // The statistics of one group that the selection pass needs.
 struct Stats {
   int64_t n_valid = 0;
@@ -368,9 +378,11 @@ __attribute__((target("avx2"))) void write_stretch(const float* x, float* y, int
 
 // select_token (below) for float32 with AVX2: no branch per element; the kept lanes are
 // compacted into the mover's queue, and y is copied as x is read.
-template <class M>
+template <bool kAllTies, class M>
 __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x, float* y, int64_t n, int64_t first,
                                                                   float t, int64_t tie_quota, bool stream, M& mover) {
+  constexpr int64_t kBlock = 128;  // elements between checks of the queue's room
+  static_assert(M::kBatch >= 2 * kBlock, "a block must fit in the queue");
   const CompressTable& table = compress_table();
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), limit = _mm256_set1_ps(t);
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -379,25 +391,33 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
   float* values = mover.values();
   size_t queued = mover.size();  // kept in a register: the queue is this loop's only state
   int64_t written = 0, j = 0;
-  for (; j + 8 <= n; j += 8) {
-    if (queued + 8 > M::kBatch || j - written == kStretch) {
+  const int64_t vectors_end = n & ~int64_t{7};
+  while (j < vectors_end) {
+    if (queued + kBlock > M::kBatch || j + kBlock - written > kStretch) {
       mover.set_size(queued);
       write_stretch(x, y, written, j, channel0, stream, mover);
       written = j;
       queued = 0;
     }
-    const __m256 v = _mm256_loadu_ps(x + j), a = _mm256_and_ps(v, abs_mask);
-    if (!stream) _mm256_storeu_ps(y + j, v);
-    unsigned keep = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_LT_OQ)));
-    if (unsigned ties = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_EQ_OQ)))) {
-      for (; ties && tie_quota > 0; ties &= ties - 1, --tie_quota) keep |= ties & (0u - ties);
+    for (const int64_t stop = std::min(j + kBlock, vectors_end); j < stop; j += 8) {
+      const __m256 v = _mm256_loadu_ps(x + j), a = _mm256_and_ps(v, abs_mask);
+      if (!stream) _mm256_storeu_ps(y + j, v);
+      unsigned keep;
+      if (kAllTies) {  // every a == t in this share moves
+        keep = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_LE_OQ)));
+      } else {
+        keep = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_LT_OQ)));
+        if (unsigned ties = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_EQ_OQ)))) {
+          for (; ties && tie_quota > 0; ties &= ties - 1, --tie_quota) keep |= ties & (0u - ties);
+        }
+      }
+      const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[keep]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(channels + queued),
+                          _mm256_permutevar8x32_epi32(
+                              _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(channel0 + j)), lanes), perm));
+      _mm256_storeu_ps(values + queued, _mm256_permutevar8x32_ps(v, perm));
+      queued += static_cast<size_t>(__builtin_popcount(keep));
     }
-    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[keep]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(channels + queued),
-                        _mm256_permutevar8x32_epi32(
-                            _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(channel0 + j)), lanes), perm));
-    _mm256_storeu_ps(values + queued, _mm256_permutevar8x32_ps(v, perm));
-    queued += static_cast<size_t>(__builtin_popcount(keep));
   }
   for (; j < n; ++j) {
     if (queued == M::kBatch || j - written == kStretch) {
@@ -408,7 +428,7 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
     }
     if (!stream) y[j] = x[j];
     const float a = std::fabs(x[j]);
-    if (a < t || (a == t && tie_quota > 0)) {
+    if (a < t || (a == t && (kAllTies || tie_quota > 0))) {
       if (!(a < t)) --tie_quota;
       channels[queued] = channel0 + static_cast<uint32_t>(j);
       values[queued++] = x[j];
@@ -424,17 +444,21 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
 // Copies flat elements [first, first + n) of one token from x to y and queues the selected
 // ones: a < t, and a == t while tie_quota lasts. Returns what is left of tie_quota. NaN and
 // Inf never compare below or equal to a finite t.
+// all_ties: every a == t in the group's share at hand moves (tie_quota covers them all).
 template <class D>
 int64_t select_token(const typename D::Raw* x, typename D::Raw* y, int64_t n, int64_t first, float t,
-                     int64_t tie_quota, bool stream, Mover<D>& mover) {
+                     int64_t tie_quota, bool all_ties, bool stream, Mover<D>& mover) {
 #if defined(__x86_64__) || defined(__i386__)
   if constexpr (std::is_same<D, Float32>::value) {
-    if (use_avx2())
-      return select_token_avx2(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(y), n, first, t, tie_quota,
-                               stream, mover);
+    if (use_avx2()) {
+      const float* xf = reinterpret_cast<const float*>(x);
+      float* yf = reinterpret_cast<float*>(y);
+      return all_ties ? select_token_avx2<true>(xf, yf, n, first, t, tie_quota, stream, mover)
+                      : select_token_avx2<false>(xf, yf, n, first, t, tie_quota, stream, mover);
+    }
   }
 #endif
-  (void)stream;
+  (void)all_ties, (void)stream;
   std::memcpy(y, x, n * sizeof(*x));
   // Every element is written to the queue's next slot, which only a selected one keeps: no
   // branch per element but the rare tie.
@@ -465,7 +489,9 @@ int64_t select_token(const typename D::Raw* x, typename D::Raw* y, int64_t n, in
 // Copies flat elements [begin, end) to y and moves the selected ones: a < t, then the first
 // tie_quota elements with a == t in flat order. With n_valid == 0 it only copies.
 template <class D>
-void select_and_move(const Problem& p, int64_t begin, int64_t end, const Stats& st, int64_t tie_quota) {
+void select_and_move(const Problem& p, int64_t begin, int64_t end, const Stats& st, TieShare ties) {
+  int64_t tie_quota = ties.take;
+  const bool all_ties = ties.take == ties.present;
   using Raw = typename D::Raw;
   const Raw* x = static_cast<const Raw*>(p.x);
   if (st.n_valid == 0) {
@@ -484,16 +510,20 @@ void select_and_move(const Problem& p, int64_t begin, int64_t end, const Stats& 
       continue;
     }
     mover.start_token(token);
-    tie_quota = select_token<D>(x + first, y, stop - first, first, t, tie_quota, stream, mover);
+    tie_quota = select_token<D>(x + first, y, stop - first, first, t, tie_quota, all_ties, stream, mover);
   }
   mover.flush();
 }
 
 // Runs body(0), ..., body(threads - 1), body(0) on the calling thread. An exception in any of
-// them (out of memory, or no thread to be had) is rethrown here once all have finished.
+// them (out of memory, or no thread to be had) is rethrown here once all have finished. With
+// OpenMP the bodies run on its team: in a PyTorch process that is torch's, whose workers spin
+// for a while after each op and would otherwise take a core from ours. Inside someone else's
+// parallel region the bodies run one after another.
 template <class F>
 void run_threads(int threads, F&& body) {
-  std::vector<std::exception_ptr> errors(std::max(threads, 1));
+  threads = std::max(threads, 1);
+  std::vector<std::exception_ptr> errors(threads);
   auto guarded = [&](int t) {
     try {
       body(t);
@@ -501,6 +531,14 @@ void run_threads(int threads, F&& body) {
       errors[t] = std::current_exception();
     }
   };
+#ifdef _OPENMP
+  if (threads > 1 && !omp_in_parallel()) {
+#pragma omp parallel num_threads(threads)
+    for (int t = omp_get_thread_num(); t < threads; t += omp_get_num_threads()) guarded(t);
+  } else {
+    for (int t = 0; t < threads; ++t) guarded(t);
+  }
+#else
   std::vector<std::thread> pool;
   for (int t = 1; t < threads; ++t) {
     try {
@@ -511,6 +549,7 @@ void run_threads(int threads, F&& body) {
   }
   guarded(0);
   for (auto& th : pool) th.join();
+#endif
   for (const auto& e : errors)
     if (e) std::rethrow_exception(e);
 }
@@ -589,7 +628,7 @@ void small_group(const Problem& p, int64_t begin, int64_t end, Scratch& s) {
     }
   }
   const int64_t N = static_cast<int64_t>(s.vals.size());
-  if (N == 0) return select_and_move<D>(p, begin, end, Stats{}, 0);
+  if (N == 0) return select_and_move<D>(p, begin, end, Stats{}, TieShare{});
   const int64_t rank = (N - 1) / 2;
   s.akeys.resize(N);
   s.keys.resize(N);
@@ -622,7 +661,7 @@ void small_group(const Problem& p, int64_t begin, int64_t end, Scratch& s) {
     v_hi = from_signed_key(signed_ranks.at(pr.hi_index));
   }
   st.q_p = interpolate(pr, v_lo, v_hi);
-  select_and_move<D>(p, begin, end, st, st.tie_quota);
+  select_and_move<D>(p, begin, end, st, TieShare{st.tie_quota});
 }
 
 constexpr int kMaxRanges = 8;  // of the vector range test below
@@ -729,7 +768,7 @@ void for_valid_ranges(const Problem& p, int64_t b, int64_t e, F&& f) {
 // instead: the sample decides speed, never the result.
 
 constexpr int kMaxIntervals = 6;  // |x| intervals of the counting pass: m, MAD (2), eps, t, Qp
-constexpr int64_t kSampleRuns = 1024, kSampleRun = 64;
+constexpr int64_t kSampleRuns = 2048, kSampleRun = 64;
 constexpr int64_t kMinSampledGroup = int64_t{1} << 20;  // below this the sample costs too much
 constexpr uint32_t kFiniteKeys = 0x7f800000u;            // |x| keys of the finite values
 
@@ -746,7 +785,7 @@ struct IntervalCounts {
   int64_t below[kMaxIntervals] = {};  // valid elements with |x| key below interval i
   int64_t below_signed = 0;           // valid elements with signed key below the signed interval
   int64_t valid = 0;
-  int32_t min_signed = std::numeric_limits<int32_t>::max();  // signed_order of the smallest x
+  uint32_t max_negative = 0;  // the largest |x| key of the valid negative values, 0 if none
   int64_t inside[kMaxIntervals + 1] = {};  // valid elements in each interval, the signed one last
   size_t kept = 0;
   size_t segment_start[kMaxIntervals + 1] = {};  // of split_by_interval
@@ -770,90 +809,101 @@ __attribute__((target("avx2"))) inline int64_t lane_sum(__m256i v) {
 
 // The counting pass over x[0, n), n <= kPieceMax: adds to c, and appends to out (room for
 // n + 8 values) the raw values inside any interval, in order. The intervals are whole bins
-// (keys >> 16), so sixteen elements are compared at a time on their keys' high halves.
-// Every lane is stored and only kept lanes advance the end: whether a lane is kept is a coin
-// toss, and a branch on it would cost more.
+// (keys >> 16), so sixteen elements are compared at a time on their keys' high halves, and
+// each interval's two counts share one register of byte counters (emptied every 127 rounds)
+// so that all stay in registers. Every lane is stored and only kept lanes advance the end:
+// whether a lane is kept is a coin toss, and a branch on it would cost more.
 constexpr int64_t kPieceMax = 1 << 16;  // 16-bit lane counters hold a piece's counts
 template <int kAbs, bool kSigned>
 __attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* x, int64_t n, const IntervalSet& set,
                                                                  IntervalCounts* c, uint32_t* out) {
+  constexpr int kSegments = kAbs + (kSigned ? 1 : 0);
   const CompressTable& table = compress_table();
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), finite32 = _mm256_set1_epi32(static_cast<int>(kFiniteKeys));
-  const __m256i finite16 = _mm256_set1_epi16(static_cast<int16_t>(kFiniteKeys >> 16));
-  const __m256i int_max = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
-  __m256i at_least[kAbs + 1], below[kAbs + 1];  // bin lo - 1 and bin hi, as int16
-  __m256i count_ge[kAbs + 1], count_in[kAbs + 1];  // per 16-bit lane: elements at or above lo, and inside
+  const __m256i finite16 = _mm256_set1_epi16(static_cast<int16_t>(kFiniteKeys >> 16)), zero = _mm256_setzero_si256();
+  // A high half h lies at or above a bin b when h > b - 1 (int16 compares).
+  int16_t lo_m1[kSegments], hi_m1[kSegments];
   for (int i = 0; i < kAbs; ++i) {
-    at_least[i] = _mm256_set1_epi16(static_cast<int16_t>((set.abs[i].lo >> 16) - 1));
-    below[i] = _mm256_set1_epi16(static_cast<int16_t>(set.abs[i].hi >> 16));
+    lo_m1[i] = static_cast<int16_t>((set.abs[i].lo >> 16) - 1);
+    hi_m1[i] = static_cast<int16_t>((set.abs[i].hi >> 16) - 1);
   }
   if (kSigned) {  // signed_order(key) >> 16 fits int16
-    at_least[kAbs] = _mm256_set1_epi16(static_cast<int16_t>((signed_order(set.signed_keys.lo) >> 16) - 1));
-    below[kAbs] = _mm256_set1_epi16(static_cast<int16_t>(signed_order(set.signed_keys.hi) >> 16));
+    lo_m1[kAbs] = static_cast<int16_t>((signed_order(set.signed_keys.lo) >> 16) - 1);
+    hi_m1[kAbs] = static_cast<int16_t>((signed_order(set.signed_keys.hi) >> 16) - 1);
   }
-  for (auto& v : count_ge) v = _mm256_setzero_si256();
-  for (auto& v : count_in) v = _mm256_setzero_si256();
-  __m256i valid_count = _mm256_setzero_si256(), min_s = int_max;
+  int64_t ge_total[kSegments] = {}, in_total[kSegments] = {};
+  __m256i valid_count = zero, max_negative = zero;
   size_t kept = c->kept;
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j));
-    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 8));
-    // High halves of the |x| keys, 16 lanes in the order v0[0..3], v1[0..3], v0[4..7], v1[4..7].
-    const __m256i a0 = _mm256_and_si256(v0, abs_mask), a1 = _mm256_and_si256(v1, abs_mask);
-    const __m256i h = _mm256_packus_epi32(_mm256_srli_epi32(a0, 16), _mm256_srli_epi32(a1, 16));
-    const __m256i valid = _mm256_cmpgt_epi16(finite16, h);
-    valid_count = _mm256_sub_epi16(valid_count, valid);
-    __m256i in = _mm256_setzero_si256();
-    for (int i = 0; i < kAbs; ++i) {  // non-finite keys lie above every interval
-      const __m256i ge = _mm256_cmpgt_epi16(h, at_least[i]), inside = _mm256_and_si256(ge, _mm256_cmpgt_epi16(below[i], h));
-      count_ge[i] = _mm256_sub_epi16(count_ge[i], ge);
-      count_in[i] = _mm256_sub_epi16(count_in[i], inside);
-      in = _mm256_or_si256(in, inside);
+  while (j + 16 <= n) {
+    // Byte counters per interval: bytes 0-7 and 16-23 count elements at or above lo, the rest
+    // those inside.
+    __m256i counts[kSegments];
+    for (auto& v : counts) v = zero;
+    for (const int64_t stop = j + std::min<int64_t>(127 * 16, (n - j) & ~int64_t{15}); j < stop; j += 16) {
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 8));
+      // High halves of the |x| keys, 16 lanes in the order v0[0..3], v1[0..3], v0[4..7], v1[4..7].
+      const __m256i a0 = _mm256_and_si256(v0, abs_mask), a1 = _mm256_and_si256(v1, abs_mask);
+      const __m256i h = _mm256_packus_epi32(_mm256_srli_epi32(a0, 16), _mm256_srli_epi32(a1, 16));
+      const __m256i valid = _mm256_cmpgt_epi16(finite16, h);
+      valid_count = _mm256_sub_epi16(valid_count, valid);
+      __m256i in = zero;
+      for (int i = 0; i < kAbs; ++i) {  // non-finite keys lie above every interval
+        const __m256i ge = _mm256_cmpgt_epi16(h, _mm256_set1_epi16(lo_m1[i]));
+        const __m256i inside = _mm256_andnot_si256(_mm256_cmpgt_epi16(h, _mm256_set1_epi16(hi_m1[i])), ge);
+        counts[i] = _mm256_sub_epi8(counts[i], _mm256_packs_epi16(ge, inside));
+        in = _mm256_or_si256(in, inside);
+      }
+      // The largest |x| of the valid negative values (the spec's Mneg, used only when there
+      // is one).
+      const __m256i sign0 = _mm256_srai_epi32(v0, 31), sign1 = _mm256_srai_epi32(v1, 31);
+      max_negative = _mm256_max_epi32(
+          max_negative, _mm256_and_si256(a0, _mm256_and_si256(sign0, _mm256_cmpgt_epi32(finite32, a0))));
+      max_negative = _mm256_max_epi32(
+          max_negative, _mm256_and_si256(a1, _mm256_and_si256(sign1, _mm256_cmpgt_epi32(finite32, a1))));
+      if (kSigned) {  // signed_order >> 16 is h for positive values, -1 - h for negative ones
+        const __m256i sh = _mm256_xor_si256(h, _mm256_packs_epi32(sign0, sign1));
+        const __m256i ge = _mm256_and_si256(_mm256_cmpgt_epi16(sh, _mm256_set1_epi16(lo_m1[kAbs])), valid);
+        const __m256i inside = _mm256_andnot_si256(_mm256_cmpgt_epi16(sh, _mm256_set1_epi16(hi_m1[kAbs])), ge);
+        counts[kAbs] = _mm256_sub_epi8(counts[kAbs], _mm256_packs_epi16(ge, inside));
+        in = _mm256_or_si256(in, inside);
+      }
+      // Back to 32-bit lanes: the low words of each 128-bit half are v0's, the high words v1's.
+      const unsigned mask0 =
+          static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(in, in))));
+      const unsigned mask1 =
+          static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(in, in))));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept),
+                          _mm256_permutevar8x32_epi32(
+                              v0, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask0]))));
+      kept += static_cast<size_t>(__builtin_popcount(mask0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept),
+                          _mm256_permutevar8x32_epi32(
+                              v1, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask1]))));
+      kept += static_cast<size_t>(__builtin_popcount(mask1));
     }
-    // signed_order: flip the magnitude bits of negative values. The minimum needs all 32
-    // bits; invalid lanes read as +max there.
-    const __m256i s0 = _mm256_xor_si256(v0, _mm256_srli_epi32(_mm256_srai_epi32(v0, 31), 1));
-    const __m256i s1 = _mm256_xor_si256(v1, _mm256_srli_epi32(_mm256_srai_epi32(v1, 31), 1));
-    min_s = _mm256_min_epi32(min_s, _mm256_blendv_epi8(int_max, s0, _mm256_cmpgt_epi32(finite32, a0)));
-    min_s = _mm256_min_epi32(min_s, _mm256_blendv_epi8(int_max, s1, _mm256_cmpgt_epi32(finite32, a1)));
-    if (kSigned) {
-      const __m256i sh = _mm256_packs_epi32(_mm256_srai_epi32(s0, 16), _mm256_srai_epi32(s1, 16));
-      const __m256i ge = _mm256_and_si256(_mm256_cmpgt_epi16(sh, at_least[kAbs]), valid);
-      const __m256i inside = _mm256_and_si256(ge, _mm256_cmpgt_epi16(below[kAbs], sh));
-      count_ge[kAbs] = _mm256_sub_epi16(count_ge[kAbs], ge);
-      count_in[kAbs] = _mm256_sub_epi16(count_in[kAbs], inside);
-      in = _mm256_or_si256(in, inside);
+    alignas(32) uint64_t sums[4];
+    for (int i = 0; i < kSegments; ++i) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(sums), _mm256_sad_epu8(counts[i], zero));
+      ge_total[i] += static_cast<int64_t>(sums[0] + sums[2]);
+      in_total[i] += static_cast<int64_t>(sums[1] + sums[3]);
     }
-    // Back to 32-bit lanes: the low words of each 128-bit half are v0's, the high words v1's.
-    const unsigned mask0 =
-        static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(in, in))));
-    const unsigned mask1 =
-        static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(in, in))));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept),
-                        _mm256_permutevar8x32_epi32(
-                            v0, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask0]))));
-    kept += static_cast<size_t>(__builtin_popcount(mask0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept),
-                        _mm256_permutevar8x32_epi32(
-                            v1, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask1]))));
-    kept += static_cast<size_t>(__builtin_popcount(mask1));
   }
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t valid_head = lane_sum(_mm256_madd_epi16(valid_count, ones));
+  const int64_t valid_head = lane_sum(_mm256_madd_epi16(valid_count, _mm256_set1_epi16(1)));
   c->valid += valid_head;
-  for (int i = 0; i < kAbs; ++i) c->below[i] += j - lane_sum(_mm256_madd_epi16(count_ge[i], ones));
-  if (kSigned) c->below_signed += valid_head - lane_sum(_mm256_madd_epi16(count_ge[kAbs], ones));
-  for (int i = 0; i < kAbs + (kSigned ? 1 : 0); ++i) c->inside[i] += lane_sum(_mm256_madd_epi16(count_in[i], ones));
+  for (int i = 0; i < kAbs; ++i) c->below[i] += j - ge_total[i];  // non-finite are never below
+  if (kSigned) c->below_signed += valid_head - ge_total[kAbs];
+  for (int i = 0; i < kSegments; ++i) c->inside[i] += in_total[i];
   alignas(32) uint32_t lanes[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), min_s);
-  for (uint32_t l : lanes) c->min_signed = std::min(c->min_signed, static_cast<int32_t>(l));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), max_negative);
+  for (uint32_t l : lanes) c->max_negative = std::max(c->max_negative, l);
   for (; j < n; ++j) {  // the tail, one at a time
     const uint32_t a = x[j] & 0x7fffffffu;
     if (a >= kFiniteKeys) continue;
     ++c->valid;
+    if (x[j] >> 31) c->max_negative = std::max(c->max_negative, a);
     const uint32_t skey = signed_key(float_of(x[j]));
-    c->min_signed = std::min(c->min_signed, signed_order(skey));
     bool in = false;
     for (int i = 0; i < kAbs; ++i) {
       c->below[i] += a < set.abs[i].lo;
@@ -1049,7 +1099,7 @@ __attribute__((target("avx2,popcnt"))) size_t distances_avx2(uint32_t* keys, siz
 
 // Kept by the calling thread from call to call, like LargeGroupWorkspace.
 struct SampledWorkspace {
-  std::vector<uint32_t> hist;                 // sample counts per bin of signed keys (key >> 16)
+  std::vector<uint32_t> hist;                 // per thread: sample counts per bin of signed keys (key >> 16)
   std::vector<uint32_t> cum_abs, cum_signed;  // cumulative sample counts per |x| and signed bin
   std::vector<std::vector<uint32_t>> kept;    // per thread: the values inside the intervals
   std::vector<std::vector<uint32_t>> parts;   // per thread: their keys, split by interval
@@ -1076,7 +1126,7 @@ class SampledStatistics {
   SampledStatistics(const Problem& p, int64_t begin, int64_t end, int threads, SampledWorkspace& ws)
       : p_(p), x_(static_cast<const uint32_t*>(p.x)), begin_(begin), end_(end), threads_(threads), ws_(ws) {}
 
-  bool run(Stats* st, std::vector<int64_t>* quota) {
+  bool run(Stats* st, std::vector<TieShare>* quota) {
     if (!use_avx2() || !sampling_enabled() || end_ - begin_ < kMinSampledGroup) return false;
     return draw_sample() && bracket() && count() && resolve(st, quota);
   }
@@ -1088,21 +1138,36 @@ class SampledStatistics {
   // one in each stride of the group, at a scrambled offset: activations vary by channel, and
   // runs at one offset would see the same channels whenever the stride is a multiple of them.
   bool draw_sample() {
-    std::vector<uint32_t>& hist = ws_.hist;
-    hist.assign(kSignedBins, 0);
+    ws_.hist.resize(static_cast<size_t>(threads_) * kSignedBins);
     const int64_t stride = (end_ - begin_) / kSampleRuns;
-    for (int64_t j = 0; j < kSampleRuns; ++j) {
+    auto run_start = [&](int64_t j) {
       const uint64_t scrambled = (static_cast<uint64_t>(j) * 0x9e3779b97f4a7c15ull) >> 32;
-      const int64_t b = begin_ + j * stride + static_cast<int64_t>(scrambled % static_cast<uint64_t>(stride - kSampleRun + 1));
-      for_valid_ranges(p_, b, b + kSampleRun, [&](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i)
-          if ((x_[i] & 0x7fffffffu) < kFiniteKeys) ++hist[signed_key(float_of(x_[i])) >> 16];
-      });
-    }
+      return begin_ + j * stride + static_cast<int64_t>(scrambled % static_cast<uint64_t>(stride - kSampleRun + 1));
+    };
+    run_threads(threads_, [&](int t) {
+      uint32_t* hist = ws_.hist.data() + static_cast<size_t>(t) * kSignedBins;
+      std::fill(hist, hist + kSignedBins, 0u);
+      constexpr int64_t kAhead = 16;  // runs fetched ahead: each is a few lines far from the last
+      const int64_t first = kSampleRuns * t / threads_, last = kSampleRuns * (t + 1) / threads_;
+      for (int64_t j = first; j < last; ++j) {
+        if (j + kAhead < last) {
+          const char* next = reinterpret_cast<const char*>(x_ + run_start(j + kAhead));
+          for (int64_t line = 0; line < kSampleRun * 4 + 64; line += 64) __builtin_prefetch(next + line);
+        }
+        const int64_t b = run_start(j);
+        for_valid_ranges(p_, b, b + kSampleRun, [&](int64_t lo, int64_t hi) {
+          for (int64_t i = lo; i < hi; ++i)
+            if ((x_[i] & 0x7fffffffu) < kFiniteKeys) ++hist[signed_key(float_of(x_[i])) >> 16];
+        });
+      }
+    });
+    uint32_t* hist = ws_.hist.data();  // the threads' counts summed into the first's
+    for (int t = 1; t < threads_; ++t)
+      for (uint32_t b = 0; b < kSignedBins; ++b) hist[b] += hist[static_cast<size_t>(t) * kSignedBins + b];
     // Cumulative counts; |x| bin h is signed bins 0x8000 + h (positive) and 0x7fff - h.
     ws_.cum_signed.resize(kSignedBins + 1);
     ws_.cum_signed[0] = 0;
-    std::partial_sum(hist.begin(), hist.end(), ws_.cum_signed.begin() + 1);
+    std::partial_sum(hist, hist + kSignedBins, ws_.cum_signed.begin() + 1);
     ws_.cum_abs.resize(kAbsBins + 1);
     ws_.cum_abs[0] = 0;
     for (uint32_t h = 0; h < kAbsBins; ++h) ws_.cum_abs[h + 1] = ws_.cum_abs[h] + hist[0x8000u + h] + hist[0x7fffu - h];
@@ -1268,7 +1333,7 @@ class SampledStatistics {
     return true;
   }
 
-  bool resolve(Stats* st, std::vector<int64_t>* quota) {
+  bool resolve(Stats* st, std::vector<TieShare>* quota) {
     const armq_attrs& at = p_.attrs;
     const int64_t N = n_valid_, rank = (N - 1) / 2;
     const int im = interval_of(m_);
@@ -1306,19 +1371,19 @@ class SampledStatistics {
         v[i] = from_signed_key(key);
       }
     }
-    int32_t min_signed = std::numeric_limits<int32_t>::max();
-    for (const IntervalCounts& c : counts_) min_signed = std::min(min_signed, c.min_signed);
+    uint32_t max_negative = 0;  // |min x| when some x < 0; else unused, as only x < 0 take it
+    for (const IntervalCounts& c : counts_) max_negative = std::max(max_negative, c.max_negative);
     st->n_valid = N;
     st->threshold = float_of(t_key);
     st->tie_quota = n - below_t;
     st->q_p = interpolate(pr, v[0], v[1]);
-    st->m_neg = std::fabs(from_signed_key(static_cast<uint32_t>(min_signed) ^ 0x80000000u));
+    st->m_neg = float_of(max_negative);
     // Ties are taken in flat order: the earliest chunks take theirs first.
     int64_t left = st->tie_quota;
     for (int t = 0; t < threads_; ++t) {
       const int64_t ties = static_cast<int64_t>(collect({t_key, t_key + 1}, false, t, t + 1));
-      (*quota)[t] = std::min(ties, left);
-      left -= (*quota)[t];
+      (*quota)[t] = {std::min(ties, left), ties};
+      left -= (*quota)[t].take;
     }
     return true;
   }
@@ -1385,7 +1450,7 @@ class SampledStatistics {
 
 // The statistics of a large float32 group from a sample, where that works (see above).
 bool sampled_statistics(const Problem& p, int64_t begin, int64_t end, int threads, SampledWorkspace& ws, Stats* st,
-                        std::vector<int64_t>* quota) {
+                        std::vector<TieShare>* quota) {
 #if defined(__x86_64__) || defined(__i386__)
   return SampledStatistics(p, begin, end, threads, ws).run(st, quota);
 #else
@@ -1436,7 +1501,7 @@ class LargeGroup {
 
   void run() {
     Stats st;
-    std::vector<int64_t> quota(threads_, 0);
+    std::vector<TieShare> quota(threads_);
     bool sampled = false;
     if constexpr (std::is_same<D, Float32>::value)
       sampled = sampled_statistics(p_, begin_, end_, threads_, ws_.sampled, &st, &quota);
@@ -1526,7 +1591,7 @@ class LargeGroup {
   // Every statistic of the spec, as far as the histogram and the gathered bins pin it down.
   // Returns true with st and per-thread tie quotas filled once all are exact; else adds to
   // need the raw bins whose values would narrow them.
-  bool resolve(Stats* st, std::vector<int64_t>* quota, std::vector<uint32_t>* need) {
+  bool resolve(Stats* st, std::vector<TieShare>* quota, std::vector<uint32_t>* need) {
     const armq_attrs& at = p_.attrs;
     const int64_t N = n_valid_, rank = (N - 1) / 2;
     const Range m = rank_abs(rank, rank, need);
@@ -1557,8 +1622,8 @@ class LargeGroup {
     const std::vector<int64_t> ties = ties_per_thread(t.lo);
     int64_t left = st->tie_quota;
     for (size_t i = 0; i < ties.size(); ++i) {
-      (*quota)[i] = std::min(ties[i], left);
-      left -= (*quota)[i];
+      (*quota)[i] = {std::min(ties[i], left), ties[i]};
+      left -= (*quota)[i].take;
     }
     return true;
   }
