@@ -1392,8 +1392,8 @@ class SampledStatistics {
   // m + MAD give their d exactly. Every other stretch of |x| keys (another interval with the
   // gap after it, or a gap) has a known count and d-bounds from its ends: those between the
   // two intervals lie at or below cut_lo (the largest of their bounds), those outside at or
-  // above cut_hi (the smallest). The MAD is exact when its rank falls among the exact d's in
-  // (cut_lo, cut_hi].
+  // above cut_hi (the smallest); the sample's bracket at m may narrow both. The MAD is exact
+  // when its rank falls among the exact d's in (cut_lo, cut_hi].
   bool resolve_mad(float m, int64_t rank, float* mad) {
     const int ib = interval_of(below_m_), ia = interval_of(above_m_);
     const size_t n_below = collect(set_.abs[ib], false, 0, threads_);
@@ -1422,6 +1422,10 @@ class SampledStatistics {
       else if (i == ia) stretch(set_.abs[i].hi, next, count - static_cast<int64_t>(n_exact - n_below));
       else stretch(set_.abs[i].lo, next, count);
     }
+    // Now that m is exact, the sample brackets the MAD more closely than the intervals do.
+    const auto [sample_lo, sample_hi] = sample_mad(m);
+    cut_lo = std::max(cut_lo, sample_lo);
+    cut_hi = std::min(cut_hi, sample_hi);
     if (!(cut_lo < cut_hi)) return false;
     // The exact d's in (cut_lo, cut_hi], in place.
     const size_t n_mid = distances_avx2(ws_.keys.data(), n_exact, m, cut_lo, cut_hi, &low);
