@@ -399,6 +399,8 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
       written = j;
       queued = 0;
     }
+    // The channels of the eight lanes at hand.
+    __m256i index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(channel0 + j)), lanes);
     for (const int64_t stop = std::min(j + kBlock, vectors_end); j < stop; j += 8) {
       const __m256 v = _mm256_loadu_ps(x + j), a = _mm256_and_ps(v, abs_mask);
       if (!stream) _mm256_storeu_ps(y + j, v);
@@ -412,11 +414,10 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
         }
       }
       const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[keep]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(channels + queued),
-                          _mm256_permutevar8x32_epi32(
-                              _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(channel0 + j)), lanes), perm));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(channels + queued), _mm256_permutevar8x32_epi32(index, perm));
       _mm256_storeu_ps(values + queued, _mm256_permutevar8x32_ps(v, perm));
       queued += static_cast<size_t>(__builtin_popcount(keep));
+      index = _mm256_add_epi32(index, _mm256_set1_epi32(8));
     }
   }
   for (; j < n; ++j) {
@@ -1066,10 +1067,10 @@ __attribute__((target("avx2,popcnt"))) uint32_t kth_key_avx2(uint32_t* keys, siz
   return keys[k];
 }
 
-// d = |a - m| of the |x| keys keys[0, n), in place, kept only where d lies in (cut_lo,
-// cut_hi]; returns how many, and adds to *low those at or below cut_lo.
-__attribute__((target("avx2,popcnt"))) size_t distances_avx2(uint32_t* keys, size_t n, float m, float cut_lo,
-                                                             float cut_hi, int64_t* low) {
+// Appends to out (room for n + 8; out == keys is fine) d = |a - m| of the |x| keys keys[0, n)
+// where d lies in (cut_lo, cut_hi]; returns how many, and adds to *low those at or below cut_lo.
+__attribute__((target("avx2,popcnt"))) size_t distances_avx2(const uint32_t* keys, size_t n, float m, float cut_lo,
+                                                             float cut_hi, int64_t* low, uint32_t* out) {
   const CompressTable& table = compress_table();
   const __m256 vm = _mm256_set1_ps(m), lo = _mm256_set1_ps(cut_lo), hi = _mm256_set1_ps(cut_hi);
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -1082,7 +1083,7 @@ __attribute__((target("avx2,popcnt"))) size_t distances_avx2(uint32_t* keys, siz
     low_count = _mm256_sub_epi32(low_count, _mm256_castps_si256(at_low));
     const __m256 in = _mm256_andnot_ps(at_low, _mm256_cmp_ps(d, hi, _CMP_LE_OQ));
     const unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(in));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + kept),
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept),
                         _mm256_permutevar8x32_epi32(_mm256_castps_si256(d), _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask]))));
     kept += static_cast<size_t>(__builtin_popcount(mask));
   }
@@ -1090,7 +1091,7 @@ __attribute__((target("avx2,popcnt"))) size_t distances_avx2(uint32_t* keys, siz
   for (; j < n; ++j) {
     const float d = std::fabs(float_of(keys[j]) - m);
     *low += d <= cut_lo;
-    keys[kept] = bits_of(d);
+    out[kept] = bits_of(d);
     kept += d > cut_lo && d <= cut_hi;
   }
   return kept;
@@ -1205,7 +1206,8 @@ class SampledStatistics {
     auto within = [&](float D, bool whole) {  // sampled values in the window's bins
       const uint32_t lo = abs_key(m0 - D) >> 16, hi = std::min(abs_key(m0 + D) >> 16, kAbsBins - 1);
       if (!whole) return static_cast<int64_t>(cum[hi + 1]) - cum[lo];
-      return hi > lo + 1 ? static_cast<int64_t>(cum[hi]) - cum[lo + 1] : int64_t{0};
+      const uint32_t first = m0 - D <= 0 ? lo : lo + 1;  // bin 0 is whole once the window reaches 0
+      return hi > first ? static_cast<int64_t>(cum[hi]) - cum[first] : int64_t{0};
     };
     auto smallest = [&](int64_t rank, bool whole) {  // the smallest D with within(D) > rank
       uint32_t lo = 0, hi = bits_of(std::numeric_limits<float>::max());
@@ -1308,19 +1310,20 @@ class SampledStatistics {
     throw std::logic_error("ARM bracket outside the counting intervals");
   }
 
-  // Writes to ws_.keys from offset on the keys in w of threads [t0, t1)'s kept values (|x|
-  // keys, or signed ones); returns the new end.
-  size_t collect(KeyInterval w, bool signed_keys, int t0, int t1, size_t offset = 0) {
+  // Writes to ws_.keys the keys in w of threads [t0, t1)'s kept values (|x| keys, or signed
+  // ones); returns how many.
+  size_t collect(KeyInterval w, bool signed_keys, int t0, int t1) {
     const int segment = signed_keys ? set_.n_abs : interval_of(w);
-    size_t total = offset + 8;
+    size_t total = 8;
     for (int t = t0; t < t1; ++t) total += static_cast<size_t>(counts_[t].inside[segment]);
     if (ws_.keys.size() < total) ws_.keys.resize(total);
+    size_t n = 0;
     for (int t = t0; t < t1; ++t) {
       const IntervalCounts& c = counts_[t];
-      offset += keys_in_avx2(ws_.parts[t].data() + c.segment_start[segment], static_cast<size_t>(c.inside[segment]), w,
-                             ws_.keys.data() + offset);
+      n += keys_in_avx2(ws_.parts[t].data() + c.segment_start[segment], static_cast<size_t>(c.inside[segment]), w,
+                        ws_.keys.data() + n);
     }
-    return offset;
+    return n;
   }
   size_t count_in(KeyInterval w, bool signed_keys = false) { return collect(w, signed_keys, 0, threads_); }
 
@@ -1396,8 +1399,11 @@ class SampledStatistics {
   // when its rank falls among the exact d's in (cut_lo, cut_hi].
   bool resolve_mad(float m, int64_t rank, float* mad) {
     const int ib = interval_of(below_m_), ia = interval_of(above_m_);
-    const size_t n_below = collect(set_.abs[ib], false, 0, threads_);
-    const size_t n_exact = ia == ib ? n_below : collect(set_.abs[ia], false, 0, threads_, n_below);
+    int64_t in_exact[kMaxIntervals] = {};  // elements of the two intervals, all kept
+    for (const IntervalCounts& c : counts_) {
+      in_exact[ib] += c.inside[ib];
+      if (ia != ib) in_exact[ia] += c.inside[ia];
+    }
     int64_t low = 0;
     float cut_lo = -1, cut_hi = std::numeric_limits<float>::infinity();
     auto stretch = [&](uint32_t lo, uint32_t hi, int64_t count) {
@@ -1418,8 +1424,7 @@ class SampledStatistics {
     for (int i = 0; i < set_.n_abs; ++i) {
       const uint32_t next = i + 1 < set_.n_abs ? set_.abs[i + 1].lo : kFiniteKeys;
       const int64_t count = (i + 1 < set_.n_abs ? below_[i + 1] : n_valid_) - below_[i];
-      if (i == ib) stretch(set_.abs[i].hi, next, count - static_cast<int64_t>(n_below));
-      else if (i == ia) stretch(set_.abs[i].hi, next, count - static_cast<int64_t>(n_exact - n_below));
+      if (i == ib || i == ia) stretch(set_.abs[i].hi, next, count - in_exact[i]);
       else stretch(set_.abs[i].lo, next, count);
     }
     // Now that m is exact, the sample brackets the MAD more closely than the intervals do.
@@ -1427,8 +1432,18 @@ class SampledStatistics {
     cut_lo = std::max(cut_lo, sample_lo);
     cut_hi = std::min(cut_hi, sample_hi);
     if (!(cut_lo < cut_hi)) return false;
-    // The exact d's in (cut_lo, cut_hi], in place.
-    const size_t n_mid = distances_avx2(ws_.keys.data(), n_exact, m, cut_lo, cut_hi, &low);
+    // The exact d's in (cut_lo, cut_hi], straight from the two intervals' kept keys.
+    ws_.keys.resize(static_cast<size_t>(in_exact[ib] + (ia != ib ? in_exact[ia] : 0)) + 8);
+    const int exact[2] = {ib, ia};
+    size_t n_mid = 0;
+    for (int t = 0; t < threads_; ++t) {
+      const IntervalCounts& c = counts_[t];
+      for (int e = 0; e < (ia == ib ? 1 : 2); ++e) {
+        const int i = exact[e];
+        n_mid += distances_avx2(ws_.parts[t].data() + c.segment_start[i], static_cast<size_t>(c.inside[i]), m, cut_lo,
+                                cut_hi, &low, ws_.keys.data() + n_mid);
+      }
+    }
     const int64_t k = rank - low;
     if (k < 0 || k >= static_cast<int64_t>(n_mid)) return false;
     const uint32_t mid_lo = cut_lo < 0 ? 0u : bits_of(cut_lo) + 1;
