@@ -361,12 +361,16 @@ constexpr int64_t kStretch = 4096;
 template <class M>
 __attribute__((target("avx2"))) void write_stretch(const float* x, float* y, int64_t from, int64_t to,
                                                    uint32_t channel0, bool stream, M& mover) {
+  // The signs of the queued elements, read back from x: cheaper here, for the few that
+  // move, than kept for every lane in the selection loop.
+  const uint32_t* channels = mover.channels();
+  float* values = mover.values();
+  for (size_t q = 0; q < mover.size(); ++q) values[q] = x[channels[q] - channel0];
   alignas(32) float moved[M::kBatch];
   mover.draw(moved);
   alignas(32) float buffer[kStretch + 8];
   float* out = stream ? buffer - from : y;  // indexed like y
   if (stream) std::memcpy(out + from, x + from, (to - from) * sizeof(float));
-  const uint32_t* channels = mover.channels();
   for (size_t q = 0; q < mover.size(); ++q) out[channels[q] - channel0] = moved[q];
   mover.set_size(0);
   if (!stream) return;
@@ -388,7 +392,6 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const uint32_t channel0 = static_cast<uint32_t>(first - mover.base());
   uint32_t* channels = mover.channels();
-  float* values = mover.values();
   size_t queued = mover.size();  // kept in a register: the queue is this loop's only state
   int64_t written = 0, j = 0;
   const int64_t vectors_end = n & ~int64_t{7};
@@ -415,7 +418,6 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
       }
       const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[keep]));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(channels + queued), _mm256_permutevar8x32_epi32(index, perm));
-      _mm256_storeu_ps(values + queued, _mm256_permutevar8x32_ps(v, perm));
       queued += static_cast<size_t>(__builtin_popcount(keep));
       index = _mm256_add_epi32(index, _mm256_set1_epi32(8));
     }
@@ -431,8 +433,7 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
     const float a = std::fabs(x[j]);
     if (a < t || (a == t && (kAllTies || tie_quota > 0))) {
       if (!(a < t)) --tie_quota;
-      channels[queued] = channel0 + static_cast<uint32_t>(j);
-      values[queued++] = x[j];
+      channels[queued++] = channel0 + static_cast<uint32_t>(j);
     }
   }
   mover.set_size(queued);
