@@ -787,7 +787,7 @@ struct IntervalCounts {
   int64_t below[kMaxIntervals] = {};  // valid elements with |x| key below interval i
   int64_t below_signed = 0;           // valid elements with signed key below the signed interval
   int64_t valid = 0;
-  uint32_t max_negative = 0;  // the largest |x| key of the valid negative values, 0 if none
+  uint32_t largest_raw = 0;  // the largest raw bits, valid or not: see count_and_keep_avx2
   int64_t inside[kMaxIntervals + 1] = {};  // valid elements in each interval, the signed one last
   size_t kept = 0;
   size_t segment_start[kMaxIntervals + 1] = {};  // of split_by_interval
@@ -821,20 +821,21 @@ __attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* 
                                                                  IntervalCounts* c, uint32_t* out) {
   constexpr int kSegments = kAbs + (kSigned ? 1 : 0);
   const CompressTable& table = compress_table();
-  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), finite32 = _mm256_set1_epi32(static_cast<int>(kFiniteKeys));
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
   const __m256i finite16 = _mm256_set1_epi16(static_cast<int16_t>(kFiniteKeys >> 16)), zero = _mm256_setzero_si256();
-  // A high half h lies at or above a bin b when h > b - 1 (int16 compares).
-  int16_t lo_m1[kSegments], hi_m1[kSegments];
+  // A high half h lies at or above a bin b when h > b - 1 (int16 compares). The bounds stay
+  // in memory, as operands of the compares: registers are for the counters.
+  __m256i lo_m1[kSegments], hi_m1[kSegments];
   for (int i = 0; i < kAbs; ++i) {
-    lo_m1[i] = static_cast<int16_t>((set.abs[i].lo >> 16) - 1);
-    hi_m1[i] = static_cast<int16_t>((set.abs[i].hi >> 16) - 1);
+    lo_m1[i] = _mm256_set1_epi16(static_cast<int16_t>((set.abs[i].lo >> 16) - 1));
+    hi_m1[i] = _mm256_set1_epi16(static_cast<int16_t>((set.abs[i].hi >> 16) - 1));
   }
   if (kSigned) {  // signed_order(key) >> 16 fits int16
-    lo_m1[kAbs] = static_cast<int16_t>((signed_order(set.signed_keys.lo) >> 16) - 1);
-    hi_m1[kAbs] = static_cast<int16_t>((signed_order(set.signed_keys.hi) >> 16) - 1);
+    lo_m1[kAbs] = _mm256_set1_epi16(static_cast<int16_t>((signed_order(set.signed_keys.lo) >> 16) - 1));
+    hi_m1[kAbs] = _mm256_set1_epi16(static_cast<int16_t>((signed_order(set.signed_keys.hi) >> 16) - 1));
   }
   int64_t ge_total[kSegments] = {}, in_total[kSegments] = {};
-  __m256i valid_count = zero, max_negative = zero;
+  __m256i valid_count = zero, largest_raw = zero;
   size_t kept = c->kept;
   int64_t j = 0;
   while (j + 16 <= n) {
@@ -852,22 +853,20 @@ __attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* 
       valid_count = _mm256_sub_epi16(valid_count, valid);
       __m256i in = zero;
       for (int i = 0; i < kAbs; ++i) {  // non-finite keys lie above every interval
-        const __m256i ge = _mm256_cmpgt_epi16(h, _mm256_set1_epi16(lo_m1[i]));
-        const __m256i inside = _mm256_andnot_si256(_mm256_cmpgt_epi16(h, _mm256_set1_epi16(hi_m1[i])), ge);
+        const __m256i ge = _mm256_cmpgt_epi16(h, lo_m1[i]);
+        const __m256i inside = _mm256_andnot_si256(_mm256_cmpgt_epi16(h, hi_m1[i]), ge);
         counts[i] = _mm256_sub_epi8(counts[i], _mm256_packs_epi16(ge, inside));
         in = _mm256_or_si256(in, inside);
       }
-      // The largest |x| of the valid negative values (the spec's Mneg, used only when there
-      // is one).
-      const __m256i sign0 = _mm256_srai_epi32(v0, 31), sign1 = _mm256_srai_epi32(v1, 31);
-      max_negative = _mm256_max_epi32(
-          max_negative, _mm256_and_si256(a0, _mm256_and_si256(sign0, _mm256_cmpgt_epi32(finite32, a0))));
-      max_negative = _mm256_max_epi32(
-          max_negative, _mm256_and_si256(a1, _mm256_and_si256(sign1, _mm256_cmpgt_epi32(finite32, a1))));
+      // As unsigned integers negative values lie above positive ones, ordered by |x|: the
+      // largest raw bits are those of the negative value of largest |x|, if there is one
+      // (the spec's Mneg, used only then).
+      largest_raw = _mm256_max_epu32(largest_raw, _mm256_max_epu32(v0, v1));
       if (kSigned) {  // signed_order >> 16 is h for positive values, -1 - h for negative ones
-        const __m256i sh = _mm256_xor_si256(h, _mm256_packs_epi32(sign0, sign1));
-        const __m256i ge = _mm256_and_si256(_mm256_cmpgt_epi16(sh, _mm256_set1_epi16(lo_m1[kAbs])), valid);
-        const __m256i inside = _mm256_andnot_si256(_mm256_cmpgt_epi16(sh, _mm256_set1_epi16(hi_m1[kAbs])), ge);
+        const __m256i sh = _mm256_xor_si256(
+            h, _mm256_packs_epi32(_mm256_srai_epi32(v0, 31), _mm256_srai_epi32(v1, 31)));
+        const __m256i ge = _mm256_and_si256(_mm256_cmpgt_epi16(sh, lo_m1[kAbs]), valid);
+        const __m256i inside = _mm256_andnot_si256(_mm256_cmpgt_epi16(sh, hi_m1[kAbs]), ge);
         counts[kAbs] = _mm256_sub_epi8(counts[kAbs], _mm256_packs_epi16(ge, inside));
         in = _mm256_or_si256(in, inside);
       }
@@ -898,13 +897,13 @@ __attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* 
   if (kSigned) c->below_signed += valid_head - ge_total[kAbs];
   for (int i = 0; i < kSegments; ++i) c->inside[i] += in_total[i];
   alignas(32) uint32_t lanes[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), max_negative);
-  for (uint32_t l : lanes) c->max_negative = std::max(c->max_negative, l);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), largest_raw);
+  for (uint32_t l : lanes) c->largest_raw = std::max(c->largest_raw, l);
   for (; j < n; ++j) {  // the tail, one at a time
+    c->largest_raw = std::max(c->largest_raw, x[j]);
     const uint32_t a = x[j] & 0x7fffffffu;
     if (a >= kFiniteKeys) continue;
     ++c->valid;
-    if (x[j] >> 31) c->max_negative = std::max(c->max_negative, a);
     const uint32_t skey = signed_key(float_of(x[j]));
     bool in = false;
     for (int i = 0; i < kAbs; ++i) {
@@ -1375,8 +1374,13 @@ class SampledStatistics {
         v[i] = from_signed_key(key);
       }
     }
-    uint32_t max_negative = 0;  // |min x| when some x < 0; else unused, as only x < 0 take it
-    for (const IntervalCounts& c : counts_) max_negative = std::max(max_negative, c.max_negative);
+    // Mneg = |min x| when some x < 0: the largest raw bits, when they are negative and
+    // finite (-Inf or a negative NaN would hide it: then the histogram path takes over).
+    // Without a negative value only x < 0 would take Mneg, and there are none.
+    uint32_t largest_raw = 0;
+    for (const IntervalCounts& c : counts_) largest_raw = std::max(largest_raw, c.largest_raw);
+    const uint32_t max_negative = largest_raw >> 31 ? largest_raw & 0x7fffffffu : 0u;
+    if (max_negative >= kFiniteKeys) return false;
     st->n_valid = N;
     st->threshold = float_of(t_key);
     st->tie_quota = n - below_t;
