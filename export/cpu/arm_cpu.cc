@@ -1162,13 +1162,15 @@ class SampledStatistics {
         });
       }
     });
-    uint32_t* hist = ws_.hist.data();  // the threads' counts summed into the first's
-    for (int t = 1; t < threads_; ++t)
-      for (uint32_t b = 0; b < kSignedBins; ++b) hist[b] += hist[static_cast<size_t>(t) * kSignedBins + b];
-    // Cumulative counts; |x| bin h is signed bins 0x8000 + h (positive) and 0x7fff - h.
+    // Cumulative counts over all threads' histograms (summed into the first's on the way);
+    // |x| bin h is signed bins 0x8000 + h (positive) and 0x7fff - h.
+    uint32_t* hist = ws_.hist.data();
     ws_.cum_signed.resize(kSignedBins + 1);
     ws_.cum_signed[0] = 0;
-    std::partial_sum(hist, hist + kSignedBins, ws_.cum_signed.begin() + 1);
+    for (uint32_t b = 0; b < kSignedBins; ++b) {
+      for (int t = 1; t < threads_; ++t) hist[b] += hist[static_cast<size_t>(t) * kSignedBins + b];
+      ws_.cum_signed[b + 1] = ws_.cum_signed[b] + hist[b];
+    }
     ws_.cum_abs.resize(kAbsBins + 1);
     ws_.cum_abs[0] = 0;
     for (uint32_t h = 0; h < kAbsBins; ++h) ws_.cum_abs[h + 1] = ws_.cum_abs[h] + hist[0x8000u + h] + hist[0x7fffu - h];
