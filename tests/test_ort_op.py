@@ -23,7 +23,7 @@ BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: 
 
 
 def session(x_type=TensorProto.FLOAT, mask_type=None, positions=False, x_dims=("B", "S", "I"), token_dims=("B", "S"),
-            **attributes):
+            intra_op_threads=0, **attributes):
     """A one-node model Y = ARM(X[, mask][, positions]) with our library registered."""
     inputs = [helper.make_tensor_value_info("X", x_type, list(x_dims) if x_dims is not None else None)]
     names = ["X"]
@@ -41,6 +41,7 @@ def session(x_type=TensorProto.FLOAT, mask_type=None, positions=False, x_dims=("
     options = ort.SessionOptions()
     options.register_custom_ops_library(LIBRARY)
     options.log_severity_level = 4  # the tests read the errors themselves
+    options.intra_op_num_threads = intra_op_threads  # 0: ONNX Runtime's default
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -115,6 +116,21 @@ def test_rank_two_input_and_large_group():
     sess = session(x_dims=("S", "I"), token_dims=("S",), mask_type=TensorProto.INT64, positions=True)
     mask, positions = torch.tensor([1, 0, 1]), torch.tensor([5, 6, 7])
     assert_same_bits(run(sess, x, mask, positions), arm_reference(x, mask, positions))
+
+
+@pytest.mark.parametrize("intra_op_threads", (1, 2, 3))
+def test_large_groups_on_the_sessions_thread_pool(intra_op_threads):
+    # The kernel's threads come from the session's intra-op pool, however many it has; a
+    # float32 group this large takes the sampled path, the bfloat16 one the histogram path.
+    gen = torch.Generator().manual_seed(29)
+    x = torch.randn(1, 8, 131_072, generator=gen)
+    mask = torch.ones(1, 8, dtype=torch.int64)
+    mask[0, 3] = 0
+    sess = session(mask_type=TensorProto.INT64, intra_op_threads=intra_op_threads)
+    assert_same_bits(run(sess, x, mask), arm_reference(x, mask))
+    x = x[:, :4].to(torch.bfloat16)
+    sess = session(ELEM[torch.bfloat16], intra_op_threads=intra_op_threads, **attributes(PRESETS["llama-3.1"]))
+    assert_same_bits(run(sess, x), arm_reference(x, config=PRESETS["llama-3.1"]))
 
 
 # --- bad inputs: an ONNX Runtime error naming the problem, never a crash -------------------

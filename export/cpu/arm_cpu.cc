@@ -518,10 +518,14 @@ void select_and_move(const Problem& p, int64_t begin, int64_t end, const Stats& 
 }
 
 // Runs body(0), ..., body(threads - 1), body(0) on the calling thread. An exception in any of
-// them (out of memory, or no thread to be had) is rethrown here once all have finished. With
-// OpenMP the bodies run on its team: in a PyTorch process that is torch's, whose workers spin
-// for a while after each op and would otherwise take a core from ours. Inside someone else's
-// parallel region the bodies run one after another.
+// them (out of memory, or no thread to be had) is rethrown here once all have finished. The
+// bodies run on the caller's pool where it lends one (ONNX Runtime's intra-op threads), else
+// on OpenMP's team: in a PyTorch process that is torch's. Either way they share the workers
+// that spin for a while after each op, instead of fighting them for cores. Inside someone
+// else's OpenMP parallel region the bodies run one after another.
+// The pool of the call in progress on this thread, when its caller lends one (ONNX Runtime).
+thread_local const ParallelFor* lent_pool = nullptr;
+
 template <class F>
 void run_threads(int threads, F&& body) {
   threads = std::max(threads, 1);
@@ -533,6 +537,12 @@ void run_threads(int threads, F&& body) {
       errors[t] = std::current_exception();
     }
   };
+  using Guarded = decltype(guarded);
+  if (threads > 1 && lent_pool) {
+    lent_pool->run(
+        lent_pool->context, [](void* data, size_t t) { (*static_cast<Guarded*>(data))(static_cast<int>(t)); },
+        static_cast<size_t>(threads), &guarded);
+  } else
 #ifdef _OPENMP
   if (threads > 1 && !omp_in_parallel()) {
 #pragma omp parallel num_threads(threads)
@@ -2077,16 +2087,19 @@ int default_threads() {
 
 }  // namespace armq
 
-extern "C" int armq_cpu_forward(armq_dtype dtype, const void* x, void* y, int64_t B, int64_t S, int64_t I,
-                                const void* mask, armq_mask_type mask_type, const int64_t* positions,
-                                const armq_attrs* attrs, int num_threads) {
-  using namespace armq;
+int armq::cpu_forward(armq_dtype dtype, const void* x, void* y, int64_t B, int64_t S, int64_t I, const void* mask,
+                     armq_mask_type mask_type, const int64_t* positions, const armq_attrs* attrs, int num_threads,
+                     const ParallelFor* parallel_for) {
   if (!attrs || B < 0 || S < 0 || I < 0 || (B * S * I != 0 && (!x || !y)) ||
       (mask_type != ARMQ_MASK_NONE && !mask && B * S != 0) || attrs->scope < 0 || attrs->scope > 2)
     return ARMQ_ERR_INVALID_ARGUMENT;
   if (I == 0 || B * S == 0) return ARMQ_OK;
   Problem p{x, y, B, S, I, mask, mask ? mask_type : ARMQ_MASK_NONE, positions, *attrs};
   const int threads = num_threads > 0 ? num_threads : default_threads();
+  struct Lend {  // the pool for this call only, also when it throws
+    explicit Lend(const ParallelFor* pool) { lent_pool = pool; }
+    ~Lend() { lent_pool = nullptr; }
+  } lend(parallel_for);
   try {
     switch (dtype) {
       case ARMQ_FLOAT32:
@@ -2107,4 +2120,10 @@ extern "C" int armq_cpu_forward(armq_dtype dtype, const void* x, void* y, int64_
     return ARMQ_ERR_INTERNAL;
   }
   return ARMQ_OK;
+}
+
+extern "C" int armq_cpu_forward(armq_dtype dtype, const void* x, void* y, int64_t B, int64_t S, int64_t I,
+                                const void* mask, armq_mask_type mask_type, const int64_t* positions,
+                                const armq_attrs* attrs, int num_threads) {
+  return armq::cpu_forward(dtype, x, y, B, S, I, mask, mask_type, positions, attrs, num_threads, nullptr);
 }

@@ -1,5 +1,6 @@
 // Internals shared by the CPU kernel, the error strings and the ONNX Runtime op.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include "arm_kernel.h"
@@ -21,6 +22,18 @@ uint32_t philox4x32_10_w0(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, ui
 
 // Threads to use when the caller passes num_threads <= 0.
 int default_threads();
+
+// Someone else's thread pool: run(context, fn, n, data) calls fn(data, i) for every i < n,
+// possibly in parallel, and returns once all are done (or throws).
+struct ParallelFor {
+  void (*run)(void* context, void (*fn)(void* data, size_t i), size_t n, void* data);
+  void* context;
+};
+
+// armq_cpu_forward, with its threads taken from parallel_for where it is not null.
+int cpu_forward(armq_dtype dtype, const void* x, void* y, int64_t B, int64_t S, int64_t I, const void* mask,
+                armq_mask_type mask_type, const int64_t* positions, const armq_attrs* attrs, int num_threads,
+                const ParallelFor* parallel_for);
 
 }  // namespace armq
 

@@ -214,6 +214,21 @@ Call check_inputs(Ort::KernelContext& ctx) {
   return call;
 }
 
+// armq::ParallelFor on ONNX Runtime's intra-op pool, through the kernel context.
+struct OrtPool {
+  const OrtApi* api;
+  const OrtKernelContext* context;
+};
+void run_on_ort_pool(void* context, void (*fn)(void*, size_t), size_t n, void* data) {
+  const OrtPool& pool = *static_cast<const OrtPool*>(context);
+  // num_batch = n: each call its own task, so that n calls can run at once.
+  if (OrtStatus* status = pool.api->KernelContext_ParallelFor(pool.context, fn, n, n, data)) {
+    const std::string message = pool.api->GetErrorMessage(status);
+    pool.api->ReleaseStatus(status);
+    throw std::runtime_error("ARM: ONNX Runtime's thread pool failed: " + message);
+  }
+}
+
 struct ArmKernel {
   ArmKernel(const OrtApi& api, const OrtKernelInfo* info, bool cuda) : api_(api), attrs_(read_attributes(api, info)), cuda_(cuda) {
     if (cuda_) Ort::ThrowOnError(api.KernelInfoGetAllocator(info, OrtMemTypeDefault, &device_allocator_));
@@ -230,8 +245,12 @@ struct ArmKernel {
       void* y_data = y.GetTensorMutableRawData();
       int code;
       if (!cuda_) {
-        code = armq_cpu_forward(call.dtype, call.x, y_data, call.B, call.S, call.I, call.mask, call.mask_type,
-                                call.positions, &attrs_, 0);
+        // The kernel's threads come from the session's intra-op pool: its workers spin for a
+        // while after each op, and threads of the kernel's own would fight them for cores.
+        OrtPool pool{&api_, context};
+        const armq::ParallelFor parallel_for{run_on_ort_pool, &pool};
+        code = armq::cpu_forward(call.dtype, call.x, y_data, call.B, call.S, call.I, call.mask, call.mask_type,
+                                 call.positions, &attrs_, 0, &parallel_for);
       } else {
         void* stream = ctx.GetGPUComputeStream();
         const size_t bytes = armq_cuda_workspace_bytes(call.dtype, call.B, call.S, call.I, &attrs_);
