@@ -797,7 +797,8 @@ struct IntervalCounts {
   int64_t below[kMaxIntervals] = {};  // valid elements with |x| key below interval i
   int64_t below_signed = 0;           // valid elements with signed key below the signed interval
   int64_t valid = 0;
-  uint32_t largest_raw = 0;  // the largest raw bits, valid or not: see count_and_keep_avx2
+  uint32_t largest_raw = 0;  // the largest raw bits: see count_and_keep_avx2
+  bool non_finite = false;   // a NaN or Inf was seen: the counts do not hold (see count_and_keep_avx2)
   int64_t inside[kMaxIntervals + 1] = {};  // valid elements in each interval, the signed one last
   size_t kept = 0;
   size_t segment_start[kMaxIntervals + 1] = {};  // of split_by_interval
@@ -820,7 +821,8 @@ __attribute__((target("avx2"))) inline int64_t lane_sum(__m256i v) {
 }
 
 // The counting pass over x[0, n), n <= kPieceMax: adds to c, and appends to out (room for
-// n + 8 values) the raw values inside any interval, in order. The intervals are whole bins
+// n + 8 values) the raw values inside any interval, in order. It counts as if every value
+// were finite and only notes (c->non_finite) when one is not: then the caller falls back. The intervals are whole bins
 // (keys >> 16), so sixteen elements are compared at a time on their keys' high halves, and
 // each interval's two counts share one register of byte counters (emptied every 127 rounds)
 // so that all stay in registers. Every lane is stored and only kept lanes advance the end:
@@ -832,7 +834,7 @@ __attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* 
   constexpr int kSegments = kAbs + (kSigned ? 1 : 0);
   const CompressTable& table = compress_table();
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
-  const __m256i finite16 = _mm256_set1_epi16(static_cast<int16_t>(kFiniteKeys >> 16)), zero = _mm256_setzero_si256();
+  const __m256i zero = _mm256_setzero_si256();
   // A high half h lies at or above a bin b when h > b - 1 (int16 compares). The bounds stay
   // in memory, as operands of the compares: registers are for the counters.
   __m256i lo_m1[kSegments], hi_m1[kSegments];
@@ -845,7 +847,7 @@ __attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* 
     hi_m1[kAbs] = _mm256_set1_epi16(static_cast<int16_t>((signed_order(set.signed_keys.hi) >> 16) - 1));
   }
   int64_t ge_total[kSegments] = {}, in_total[kSegments] = {};
-  __m256i valid_count = zero, largest_raw = zero;
+  __m256i largest_high = zero, largest_raw = zero;
   size_t kept = c->kept;
   int64_t j = 0;
   while (j + 16 <= n) {
@@ -859,8 +861,7 @@ __attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* 
       // High halves of the |x| keys, 16 lanes in the order v0[0..3], v1[0..3], v0[4..7], v1[4..7].
       const __m256i a0 = _mm256_and_si256(v0, abs_mask), a1 = _mm256_and_si256(v1, abs_mask);
       const __m256i h = _mm256_packus_epi32(_mm256_srli_epi32(a0, 16), _mm256_srli_epi32(a1, 16));
-      const __m256i valid = _mm256_cmpgt_epi16(finite16, h);
-      valid_count = _mm256_sub_epi16(valid_count, valid);
+      largest_high = _mm256_max_epu16(largest_high, h);  // NaN and Inf lie above every finite |x|
       __m256i in = zero;
       for (int i = 0; i < kAbs; ++i) {  // non-finite keys lie above every interval
         const __m256i ge = _mm256_cmpgt_epi16(h, lo_m1[i]);
@@ -875,7 +876,7 @@ __attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* 
       if (kSigned) {  // signed_order >> 16 is h for positive values, -1 - h for negative ones
         const __m256i sh = _mm256_xor_si256(
             h, _mm256_packs_epi32(_mm256_srai_epi32(v0, 31), _mm256_srai_epi32(v1, 31)));
-        const __m256i ge = _mm256_and_si256(_mm256_cmpgt_epi16(sh, lo_m1[kAbs]), valid);
+        const __m256i ge = _mm256_cmpgt_epi16(sh, lo_m1[kAbs]);
         const __m256i inside = _mm256_andnot_si256(_mm256_cmpgt_epi16(sh, hi_m1[kAbs]), ge);
         counts[kAbs] = _mm256_sub_epi8(counts[kAbs], _mm256_packs_epi16(ge, inside));
         in = _mm256_or_si256(in, inside);
@@ -901,18 +902,22 @@ __attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* 
       in_total[i] += static_cast<int64_t>(sums[1] + sums[3]);
     }
   }
-  const int64_t valid_head = lane_sum(_mm256_madd_epi16(valid_count, _mm256_set1_epi16(1)));
-  c->valid += valid_head;
-  for (int i = 0; i < kAbs; ++i) c->below[i] += j - ge_total[i];  // non-finite are never below
-  if (kSigned) c->below_signed += valid_head - ge_total[kAbs];
+  c->valid += j;
+  for (int i = 0; i < kAbs; ++i) c->below[i] += j - ge_total[i];
+  if (kSigned) c->below_signed += j - ge_total[kAbs];
   for (int i = 0; i < kSegments; ++i) c->inside[i] += in_total[i];
   alignas(32) uint32_t lanes[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), largest_raw);
   for (uint32_t l : lanes) c->largest_raw = std::max(c->largest_raw, l);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), largest_high);
+  for (uint32_t l : lanes) c->non_finite |= (l & 0xffffu) >= (kFiniteKeys >> 16) || (l >> 16) >= (kFiniteKeys >> 16);
   for (; j < n; ++j) {  // the tail, one at a time
     c->largest_raw = std::max(c->largest_raw, x[j]);
     const uint32_t a = x[j] & 0x7fffffffu;
-    if (a >= kFiniteKeys) continue;
+    if (a >= kFiniteKeys) {
+      c->non_finite = true;
+      continue;
+    }
     ++c->valid;
     const uint32_t skey = signed_key(float_of(x[j]));
     bool in = false;
@@ -1308,6 +1313,7 @@ class SampledStatistics {
       split_by_interval_avx2(out.data(), c.kept, set_, c.inside, &ws_.parts[t], c.segment_start);
     });
     for (const IntervalCounts& c : counts_) {
+      if (c.non_finite) return false;
       n_valid_ += c.valid;
       for (int i = 0; i < set_.n_abs; ++i) below_[i] += c.below[i];
       below_signed_ += c.below_signed;
@@ -1386,13 +1392,12 @@ class SampledStatistics {
         v[i] = from_signed_key(key);
       }
     }
-    // Mneg = |min x| when some x < 0: the largest raw bits, when they are negative and
-    // finite (-Inf or a negative NaN would hide it: then the histogram path takes over).
-    // Without a negative value only x < 0 would take Mneg, and there are none.
+    // Mneg = |min x| when some x < 0: the largest raw bits, when they are negative (all
+    // values are finite here). Without a negative value only x < 0 would take Mneg, and
+    // there are none.
     uint32_t largest_raw = 0;
     for (const IntervalCounts& c : counts_) largest_raw = std::max(largest_raw, c.largest_raw);
     const uint32_t max_negative = largest_raw >> 31 ? largest_raw & 0x7fffffffu : 0u;
-    if (max_negative >= kFiniteKeys) return false;
     st->n_valid = N;
     st->threshold = float_of(t_key);
     st->tie_quota = n - below_t;
