@@ -229,31 +229,41 @@ void philox_w0_scalar(const uint32_t* c0, size_t n, uint32_t c1, uint32_t c2, ui
 __attribute__((target("avx2"))) void philox_w0_avx2(const uint32_t* c0_in, size_t n, uint32_t c1_in,
                                                      uint32_t c2_in, uint32_t k0_in, uint32_t k1_in,
                                                      uint32_t* out) {
+  // Each 64-bit slot carries one lane in its low half: even lanes in one register, odd lanes
+  // in another, so that a 32 x 32 -> 64-bit product needs no shuffling. The high halves
+  // collect garbage that no multiply and no output ever reads.
   const __m256i m0 = _mm256_set1_epi64x(0xD2511F53u), m1 = _mm256_set1_epi64x(0xCD9E8D57u);
+  // Round 1 is the same for every lane but c0: c1, c2 and c3 (zero) are shared.
+  const uint64_t p1_first = uint64_t{0xCD9E8D57u} * c2_in;
+  const __m256i c0_second = _mm256_set1_epi64x(static_cast<uint32_t>(p1_first >> 32) ^ c1_in ^ k0_in);
+  const __m256i c1_second = _mm256_set1_epi64x(static_cast<uint32_t>(p1_first));
+  __m256i key0[10], key1[10];
+  for (uint32_t round = 0, k0 = k0_in, k1 = k1_in; round < 10; ++round, k0 += 0x9E3779B9u, k1 += 0xBB67AE85u) {
+    key0[round] = _mm256_set1_epi64x(k0);
+    key1[round] = _mm256_set1_epi64x(k1);
+  }
   size_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0_in + j));
-    __m256i c1 = _mm256_set1_epi32(static_cast<int>(c1_in)), c2 = _mm256_set1_epi32(static_cast<int>(c2_in));
-    __m256i c3 = _mm256_setzero_si256();
-    uint32_t k0 = k0_in, k1 = k1_in;
-    for (int round = 0; round < 10; ++round) {
-      if (round) {
-        k0 += 0x9E3779B9u;
-        k1 += 0xBB67AE85u;
-      }
-      // 32 x 32 -> 64-bit products of the even lanes, then of the odd lanes.
-      const __m256i p0_even = _mm256_mul_epu32(c0, m0), p0_odd = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
-      const __m256i p1_even = _mm256_mul_epu32(c2, m1), p1_odd = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
-      const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0_even, 32), p0_odd, 0xAA);
-      const __m256i lo0 = _mm256_blend_epi32(p0_even, _mm256_slli_epi64(p0_odd, 32), 0xAA);
-      const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1_even, 32), p1_odd, 0xAA);
-      const __m256i lo1 = _mm256_blend_epi32(p1_even, _mm256_slli_epi64(p1_odd, 32), 0xAA);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-      c1 = lo1;
-      c3 = lo0;
+    const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0_in + j));
+    __m256i c0_h[2] = {c0, _mm256_srli_epi64(c0, 32)}, c1_h[2], c2_h[2], c3_h[2];
+    for (int h = 0; h < 2; ++h) {  // round 1
+      const __m256i p0 = _mm256_mul_epu32(c0_h[h], m0);
+      c2_h[h] = _mm256_xor_si256(_mm256_srli_epi64(p0, 32), key1[0]);
+      c3_h[h] = p0;
+      c0_h[h] = c0_second;
+      c1_h[h] = c1_second;
     }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), c0);
+    for (int round = 1; round < 10; ++round) {
+      for (int h = 0; h < 2; ++h) {
+        const __m256i p0 = _mm256_mul_epu32(c0_h[h], m0), p1 = _mm256_mul_epu32(c2_h[h], m1);
+        c0_h[h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1_h[h]), key0[round]);
+        c2_h[h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3_h[h]), key1[round]);
+        c1_h[h] = p1;
+        c3_h[h] = p0;
+      }
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
+                        _mm256_blend_epi32(c0_h[0], _mm256_slli_epi64(c0_h[1], 32), 0xAA));
   }
   if (j < n) {  // the last few as one more padded vector: the scalar rounds cost more
     uint32_t c0[8] = {0}, w[8];
