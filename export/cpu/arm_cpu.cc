@@ -301,22 +301,23 @@ class Mover {
   float* values() { return x_; }
   size_t size() const { return size_; }
   void set_size(size_t size) { size_ = size; }
-  // For callers that write y themselves: the new values of the queued entries.
-  void draw(float* moved) const {  // room for kBatch
-    uint32_t w[kBatch];
+  // The Philox words of the queued entries (room for kBatch).
+  void words(uint32_t* w) const {
     philox_w0_batch(channel_, size_, c1_, c2_, static_cast<uint32_t>(p_.attrs.seed),
                     static_cast<uint32_t>(p_.attrs.seed >> 32), w);
-    // -(u * m_neg) == u * -m_neg exactly: rounding is symmetric in sign. Zeros count as positive.
-    const float target[2] = {q_p_, -m_neg_};
-    for (size_t j = 0; j < size_; ++j) moved[j] = (static_cast<float>(w[j] >> 8) * 0x1p-24f) * target[x_[j] < 0.0f];
+  }
+  // The new value of an element x whose Philox word is w. -(u * m_neg) == u * -m_neg exactly:
+  // rounding is symmetric in sign. Zeros count as positive.
+  float moved(uint32_t w, float x) const {
+    return (static_cast<float>(w >> 8) * 0x1p-24f) * (x < 0.0f ? -m_neg_ : q_p_);
   }
 
   void flush() {
     if (size_ == 0) return;
-    float moved[kBatch];
-    draw(moved);
+    uint32_t w[kBatch];
+    words(w);
     typename D::Raw* y = static_cast<typename D::Raw*>(p_.y) + base_;
-    for (size_t j = 0; j < size_; ++j) y[channel_[j]] = D::raw_of(moved[j]);
+    for (size_t j = 0; j < size_; ++j) y[channel_[j]] = D::raw_of(moved(w[j], x_[j]));
     size_ = 0;
   }
   static constexpr size_t kBatch = 256;
@@ -371,17 +372,18 @@ constexpr int64_t kStretch = 4096;
 template <class M>
 __attribute__((target("avx2"))) void write_stretch(const float* x, float* y, int64_t from, int64_t to,
                                                    uint32_t channel0, bool stream, M& mover) {
-  // The signs of the queued elements, read back from x: cheaper here, for the few that
-  // move, than kept for every lane in the selection loop.
-  const uint32_t* channels = mover.channels();
-  float* values = mover.values();
-  for (size_t q = 0; q < mover.size(); ++q) values[q] = x[channels[q] - channel0];
-  alignas(32) float moved[M::kBatch];
-  mover.draw(moved);
+  alignas(32) uint32_t w[M::kBatch];
+  mover.words(w);
   alignas(32) float buffer[kStretch + 8];
   float* out = stream ? buffer - from : y;  // indexed like y
   if (stream) std::memcpy(out + from, x + from, (to - from) * sizeof(float));
-  for (size_t q = 0; q < mover.size(); ++q) out[channels[q] - channel0] = moved[q];
+  // Each element's sign is read back from x: cheaper here, for the few that move, than kept
+  // for every lane in the selection loop.
+  const uint32_t* channels = mover.channels();
+  for (size_t q = 0; q < mover.size(); ++q) {
+    const uint32_t j = channels[q] - channel0;
+    out[j] = mover.moved(w[q], x[j]);
+  }
   mover.set_size(0);
   if (!stream) return;
   int64_t k = from;
