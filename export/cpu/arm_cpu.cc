@@ -2,14 +2,18 @@
 //
 // Per group (scope) we need order statistics of the valid values: the lower median m of |x|,
 // the MAD (the same rank of |a - m|), the rank n-1 of |x| (the selection threshold) and two
-// adjacent ranks of the percentile pool. Two strategies, both O(N):
+// adjacent ranks of the percentile pool. Three strategies, all O(N):
 //  - small groups (a token's channels, or a decode step): scratch keys of |x|, of |a - m| and of
 //    x, each bucketed once by its top 11 bits; each rank is selected within its bucket. Groups
 //    are spread across threads.
-//  - large groups (a whole sequence or tensor): a 65536-bin histogram of the high 16 bits of
-//    the float bit patterns (which order like the values), then the exact values of the few
-//    bins the statistics fall in, gathered in one more pass (16-bit dtypes need none: each
-//    bin is one value). Each pass reads x in place and is split across threads.
+//  - large float32 groups (from 2^20 elements): a sample brackets every statistic, one
+//    counting pass keeps the values inside the brackets and counts those below, and each
+//    statistic is selected among the kept values when its rank falls inside its bracket;
+//    else the next strategy runs.
+//  - other large groups (a whole sequence or tensor): a 65536-bin histogram of the high 16
+//    bits of the float bit patterns (which order like the values), then the exact values of
+//    the few bins the statistics fall in, gathered in one more pass (16-bit dtypes need none:
+//    each bin is one value). Each pass reads x in place and is split across threads.
 // Selection takes all a < t plus the first (n - count(a < t)) elements with a == t in flat
 // order, where t is the rank n-1 value of a: the spec's (a, flat index) order. The moves
 // are queued per token and their Philox words drawn eight at a time (AVX2 where the CPU has
