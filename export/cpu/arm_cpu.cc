@@ -290,7 +290,7 @@ void philox_w0_batch(const uint32_t* c0, size_t n, uint32_t c1, uint32_t c2, uin
 template <class D>
 class Mover {
  public:
-  Mover(const Problem& p, float q_p, float m_neg) : p_(p), q_p_(q_p), m_neg_(m_neg) {}
+  Mover(const Problem& p, float q_p, float m_neg) : p_(p), target_{q_p, -m_neg} {}
 
   void start_token(int64_t token) {
     flush();
@@ -311,10 +311,9 @@ class Mover {
                     static_cast<uint32_t>(p_.attrs.seed >> 32), w);
   }
   // The new value of an element x whose Philox word is w. -(u * m_neg) == u * -m_neg exactly:
-  // rounding is symmetric in sign. Zeros count as positive.
-  float moved(uint32_t w, float x) const {
-    return (static_cast<float>(w >> 8) * 0x1p-24f) * (x < 0.0f ? -m_neg_ : q_p_);
-  }
+  // rounding is symmetric in sign. Zeros count as positive. The target is looked up, not
+  // branched on: the signs come in no order.
+  float moved(uint32_t w, float x) const { return (static_cast<float>(w >> 8) * 0x1p-24f) * target_[x < 0.0f]; }
 
   void flush() {
     if (size_ == 0) return;
@@ -328,7 +327,7 @@ class Mover {
 
  private:
   const Problem& p_;
-  const float q_p_, m_neg_;
+  const float target_[2];  // of positive and of negative elements
   int64_t base_ = 0;
   uint32_t c1_ = 0, c2_ = 0;
   size_t size_ = 0;
