@@ -963,6 +963,7 @@ CountAndKeep count_and_keep_for(const IntervalSet& set) {
 }
 
 // Appends to out (room for n + 8) the keys[j] (j < n) that lie in w, in order; returns how many.
+// out may be keys itself: the write end never passes the read end.
 __attribute__((target("avx2,popcnt"))) size_t keys_in_avx2(const uint32_t* keys, size_t n, KeyInterval w, uint32_t* out) {
   const CompressTable& table = compress_table();
   const __m256i flip = _mm256_set1_epi32(std::numeric_limits<int32_t>::min()), lo = _mm256_set1_epi32(static_cast<int>(w.lo));
@@ -1045,7 +1046,6 @@ __attribute__((target("avx2,popcnt"))) void split_by_interval_avx2(const uint32_
 // a few hundred left are selected directly.
 __attribute__((target("avx2,popcnt"))) uint32_t kth_key_avx2(uint32_t* keys, size_t n, KeyInterval w, int64_t k) {
   constexpr int kPivots = 15;
-  const CompressTable& table = compress_table();
   const __m256i flip = _mm256_set1_epi32(std::numeric_limits<int32_t>::min());
   while (n > 512 && w.hi - w.lo > kPivots + 1) {
     const uint32_t step = (w.hi - w.lo) / (kPivots + 1) + 1;
@@ -1072,24 +1072,7 @@ __attribute__((target("avx2,popcnt"))) uint32_t kth_key_avx2(uint32_t* keys, siz
     while (count[s] <= k) ++s;
     const int64_t before = s > 0 ? count[s - 1] : 0;
     const KeyInterval part{bound[s], bound[s + 1]};  // holds rank k, so not empty
-    size_t kept = 0;
-    const __m256i lo = _mm256_set1_epi32(static_cast<int>(part.lo));
-    const __m256i span = _mm256_set1_epi32(static_cast<int>((part.hi - part.lo) ^ 0x80000000u));
-    for (j = 0; j + 8 <= n; j += 8) {  // in place: the write end never passes the read end
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j));
-      const __m256i in = _mm256_cmpgt_epi32(span, _mm256_xor_si256(_mm256_sub_epi32(v, lo), flip));
-      const unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(in)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + kept),
-                          _mm256_permutevar8x32_epi32(
-                              v, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask]))));
-      kept += static_cast<size_t>(__builtin_popcount(mask));
-    }
-    for (; j < n; ++j) {
-      const uint32_t v = keys[j];
-      keys[kept] = v;
-      kept += part.contains(v);
-    }
-    n = kept;
+    n = keys_in_avx2(keys, n, part, keys);
     k -= before;
     w = part;
   }
@@ -1178,13 +1161,7 @@ class SampledStatistics {
     run_threads(threads_, [&](int t) {
       uint32_t* hist = ws_.hist.data() + static_cast<size_t>(t) * kSignedBins;
       std::fill(hist, hist + kSignedBins, 0u);
-      constexpr int64_t kAhead = 16;  // runs fetched ahead: each is a few lines far from the last
-      const int64_t first = kSampleRuns * t / threads_, last = kSampleRuns * (t + 1) / threads_;
-      for (int64_t j = first; j < last; ++j) {
-        if (j + kAhead < last) {
-          const char* next = reinterpret_cast<const char*>(x_ + run_start(j + kAhead));
-          for (int64_t line = 0; line < kSampleRun * 4 + 64; line += 64) __builtin_prefetch(next + line);
-        }
+      for (int64_t j = kSampleRuns * t / threads_, last = kSampleRuns * (t + 1) / threads_; j < last; ++j) {
         const int64_t b = run_start(j);
         for_valid_ranges(p_, b, b + kSampleRun, [&](int64_t lo, int64_t hi) {
           for (int64_t i = lo; i < hi; ++i)
