@@ -1113,8 +1113,11 @@ __attribute__((target("avx2,popcnt"))) size_t distances_avx2(const uint32_t* key
 
 // Kept by the calling thread from call to call, like LargeGroupWorkspace.
 struct SampledWorkspace {
-  std::vector<uint32_t> hist;                 // per thread: sample counts per bin of signed keys (key >> 16)
-  std::vector<uint32_t> cum_abs, cum_signed;  // cumulative sample counts per |x| and signed bin
+  std::vector<uint32_t> hist;  // per thread: sample counts per raw bin (raw bits >> 16); zero between calls
+  bool hist_dirty = false;     // an exception left counts in hist
+  // Sampled values in the |x| bins below first_bin + k, by sign: over the bins the sample
+  // touched only, so that a call reads and clears a few thousand bins, not all 65536.
+  std::vector<uint32_t> below_abs, below_pos, below_neg;
   std::vector<std::vector<uint32_t>> kept;    // per thread: the values inside the intervals
   std::vector<std::vector<uint32_t>> parts;   // per thread: their keys, split by interval
   std::vector<uint32_t> keys;                 // selection scratch
@@ -1146,52 +1149,86 @@ class SampledStatistics {
   }
 
  private:
-  static constexpr uint32_t kAbsBins = 32768, kSignedBins = 65536;  // keys >> 16
+  static constexpr uint32_t kAbsBins = 32768, kRawBins = 65536;  // keys >> 16
+  static constexpr uint32_t kFiniteBins = kFiniteKeys >> 16;      // |x| bins of finite values
 
-  // Counts per signed bin of the finite values in kSampleRuns runs of kSampleRun elements,
+  // Counts per raw bin of the finite values in kSampleRuns runs of kSampleRun elements,
   // one in each stride of the group, at a scrambled offset: activations vary by channel, and
   // runs at one offset would see the same channels whenever the stride is a multiple of them.
   bool draw_sample() {
-    ws_.hist.resize(static_cast<size_t>(threads_) * kSignedBins);
+    const size_t T = static_cast<size_t>(threads_);
+    if (ws_.hist.size() != T * kRawBins || ws_.hist_dirty) ws_.hist.assign(T * kRawBins, 0u);
+    ws_.hist_dirty = true;
     const int64_t stride = (end_ - begin_) / kSampleRuns;
     auto run_start = [&](int64_t j) {
       const uint64_t scrambled = (static_cast<uint64_t>(j) * 0x9e3779b97f4a7c15ull) >> 32;
       return begin_ + j * stride + static_cast<int64_t>(scrambled % static_cast<uint64_t>(stride - kSampleRun + 1));
     };
+    std::vector<uint32_t> lowest(T, kAbsBins), highest(T, 0);  // the |x| bins each thread touched
     run_threads(threads_, [&](int t) {
-      uint32_t* hist = ws_.hist.data() + static_cast<size_t>(t) * kSignedBins;
-      std::fill(hist, hist + kSignedBins, 0u);
+      uint32_t* hist = ws_.hist.data() + static_cast<size_t>(t) * kRawBins;
+      uint32_t lo = kAbsBins, hi = 0;
       for (int64_t j = kSampleRuns * t / threads_, last = kSampleRuns * (t + 1) / threads_; j < last; ++j) {
         const int64_t b = run_start(j);
-        for_valid_ranges(p_, b, b + kSampleRun, [&](int64_t lo, int64_t hi) {
-          for (int64_t i = lo; i < hi; ++i)
-            if ((x_[i] & 0x7fffffffu) < kFiniteKeys) ++hist[signed_key(float_of(x_[i])) >> 16];
+        for_valid_ranges(p_, b, b + kSampleRun, [&](int64_t from, int64_t to) {
+          for (int64_t i = from; i < to; ++i) {
+            const uint32_t bin = x_[i] >> 16, h = bin & 0x7fffu;
+            ++hist[bin];
+            lo = std::min(lo, h);
+            hi = std::max(hi, h);
+          }
         });
       }
+      lowest[t] = lo, highest[t] = hi;
     });
-    // Cumulative counts over all threads' histograms (summed into the first's on the way);
-    // |x| bin h is signed bins 0x8000 + h (positive) and 0x7fff - h.
-    uint32_t* hist = ws_.hist.data();
-    ws_.cum_signed.resize(kSignedBins + 1);
-    ws_.cum_signed[0] = 0;
-    for (uint32_t b = 0; b < kSignedBins; ++b) {
-      for (int t = 1; t < threads_; ++t) hist[b] += hist[static_cast<size_t>(t) * kSignedBins + b];
-      ws_.cum_signed[b + 1] = ws_.cum_signed[b] + hist[b];
+    // Sum the threads' counts of the touched bins, clearing them for the next call. Bins of
+    // NaN and Inf (kFiniteBins and up) are cleared and left out.
+    const uint32_t lo = *std::min_element(lowest.begin(), lowest.end());
+    const uint32_t hi = *std::max_element(highest.begin(), highest.end());
+    first_bin_ = lo;
+    const uint32_t end = lo > hi ? lo : std::min(hi + 1, kFiniteBins);  // past the last finite bin
+    const size_t bins = end > lo ? end - lo : 0;
+    ws_.below_abs.assign(bins + 1, 0u), ws_.below_pos.assign(bins + 1, 0u), ws_.below_neg.assign(bins + 1, 0u);
+    for (uint32_t h = lo; h <= hi; ++h) {
+      uint32_t pos = 0, neg = 0;
+      for (size_t t = 0; t < T; ++t) {
+        uint32_t* hist = ws_.hist.data() + t * kRawBins;
+        pos += hist[h], neg += hist[0x8000u | h];
+        hist[h] = hist[0x8000u | h] = 0;
+      }
+      if (h >= end) continue;
+      const size_t k = h - lo;
+      ws_.below_pos[k + 1] = ws_.below_pos[k] + pos;
+      ws_.below_neg[k + 1] = ws_.below_neg[k] + neg;
+      ws_.below_abs[k + 1] = ws_.below_pos[k + 1] + ws_.below_neg[k + 1];
     }
-    ws_.cum_abs.resize(kAbsBins + 1);
-    ws_.cum_abs[0] = 0;
-    for (uint32_t h = 0; h < kAbsBins; ++h) ws_.cum_abs[h + 1] = ws_.cum_abs[h] + hist[0x8000u + h] + hist[0x7fffu - h];
-    n_sample_ = ws_.cum_abs[kAbsBins];
+    ws_.hist_dirty = false;
+    n_sample_ = ws_.below_abs.back();
+    n_negative_ = ws_.below_neg.back();
     return n_sample_ >= kSampleRun;  // else mostly masked or non-finite: too little to go on
   }
 
   int64_t sample_rank(double f) const {
     return std::min<int64_t>(std::max<int64_t>(static_cast<int64_t>(std::floor(f * n_sample_)), 0), n_sample_ - 1);
   }
-  // The bin that holds the sample's value of quantile f.
-  uint32_t bin_at(const std::vector<uint32_t>& cum, double f) const {
-    return static_cast<uint32_t>(std::upper_bound(cum.begin(), cum.end(), static_cast<uint32_t>(sample_rank(f))) -
-                                 cum.begin() - 1);
+  // Sampled values in the |x| bins below h.
+  int64_t sampled_below(uint32_t h) const {
+    return h <= first_bin_ ? 0 : ws_.below_abs[std::min<size_t>(h - first_bin_, ws_.below_abs.size() - 1)];
+  }
+  // The |x| bin of the value of rank r (r < its count) in a cumulative count `below`.
+  uint32_t bin_of_rank(const std::vector<uint32_t>& below, int64_t r) const {
+    return first_bin_ + static_cast<uint32_t>(std::upper_bound(below.begin(), below.end(), static_cast<uint32_t>(r)) -
+                                              below.begin() - 1);
+  }
+  // The |x| bin that holds the sample's value of quantile f.
+  uint32_t abs_bin_at(double f) const { return bin_of_rank(ws_.below_abs, sample_rank(f)); }
+  // The signed bin (signed key >> 16) that holds the sample's value of quantile f: ascending
+  // x runs through the negative values by descending |x| (signed bins 0x7fff - h), then the
+  // positive ones (0x8000 + h).
+  uint32_t signed_bin_at(double f) const {
+    const int64_t r = sample_rank(f);
+    if (r < n_negative_) return 0x7fffu - bin_of_rank(ws_.below_neg, n_negative_ - 1 - r);
+    return 0x8000u + bin_of_rank(ws_.below_pos, r - n_negative_);
   }
   double margin(double f) const {
     f = std::min(std::max(f, 0.0), 1.0);
@@ -1200,7 +1237,7 @@ class SampledStatistics {
   }
   // |x| keys from the bin of quantile f1 - margin to that of f2 + margin.
   KeyInterval abs_around(double f1, double f2) const {
-    return {bin_at(ws_.cum_abs, f1 - margin(f1)) << 16, (bin_at(ws_.cum_abs, f2 + margin(f2)) + 1) << 16};
+    return {abs_bin_at(f1 - margin(f1)) << 16, (abs_bin_at(f2 + margin(f2)) + 1) << 16};
   }
   static uint32_t abs_key(float v) { return v > 0 ? std::min(bits_of(v), kFiniteKeys) : 0u; }  // of v >= 0
   // Out to whole bins, and past float rounding.
@@ -1211,12 +1248,11 @@ class SampledStatistics {
   // d = |a - m0| lies between the smallest D whose window [m0 - D, m0 + D] touches bins holding
   // more than that many values, and the smallest D whose window covers whole bins holding more.
   std::pair<float, float> sample_mad(float m0) const {
-    const std::vector<uint32_t>& cum = ws_.cum_abs;
     auto within = [&](float D, bool whole) {  // sampled values in the window's bins
       const uint32_t lo = abs_key(m0 - D) >> 16, hi = std::min(abs_key(m0 + D) >> 16, kAbsBins - 1);
-      if (!whole) return static_cast<int64_t>(cum[hi + 1]) - cum[lo];
+      if (!whole) return sampled_below(hi + 1) - sampled_below(lo);
       const uint32_t first = m0 - D <= 0 ? lo : lo + 1;  // bin 0 is whole once the window reaches 0
-      return hi > first ? static_cast<int64_t>(cum[hi]) - cum[first] : int64_t{0};
+      return hi > first ? sampled_below(hi) - sampled_below(first) : int64_t{0};
     };
     auto smallest = [&](int64_t rank, bool whole) {  // the smallest D with within(D) > rank
       uint32_t lo = 0, hi = bits_of(std::numeric_limits<float>::max());
@@ -1255,7 +1291,7 @@ class SampledStatistics {
       eps_ = {widen_down(abs_key(eps_lo)), widen_up(abs_key(eps_hi) + 1)};
       wanted.push_back(eps_);
       const double n = static_cast<double>(n_sample_);
-      const double near_lo = ws_.cum_abs[eps_.lo >> 16] / n, near_hi = ws_.cum_abs[((eps_.hi - 1) >> 16) + 1] / n;
+      const double near_lo = sampled_below(eps_.lo >> 16) / n, near_hi = sampled_below(((eps_.hi - 1) >> 16) + 1) / n;
       auto share = [&](double near) {
         return std::min(std::max(static_cast<double>(at.k) * near, static_cast<double>(at.pmin)),
                         static_cast<double>(at.pmax));
@@ -1271,8 +1307,7 @@ class SampledStatistics {
       wanted.push_back(p_abs_);
     } else {
       set_.has_signed = true;
-      set_.signed_keys = {bin_at(ws_.cum_signed, q - margin(q)) << 16,
-                          (bin_at(ws_.cum_signed, q + margin(q)) + 1) << 16};
+      set_.signed_keys = {signed_bin_at(q - margin(q)) << 16, (signed_bin_at(q + margin(q)) + 1) << 16};
     }
     // Disjoint and ascending, for the counting pass.
     std::sort(wanted.begin(), wanted.end(), [](KeyInterval a, KeyInterval b) { return a.lo < b.lo; });
@@ -1471,7 +1506,8 @@ class SampledStatistics {
   int threads_;
   SampledWorkspace& ws_;
   const double margin_scale_ = sample_margin_scale();
-  int64_t n_sample_ = 0;
+  int64_t n_sample_ = 0, n_negative_ = 0;  // finite sampled values, and the negative ones
+  uint32_t first_bin_ = 0;                 // the lowest |x| bin sampled: see SampledWorkspace
   // Brackets of |x| keys: of m, of the values whose d can be the MAD, of eps, t and Qp.
   KeyInterval m_{0, 0}, below_m_{0, 0}, above_m_{0, 0}, eps_{0, 0}, t_{0, 0}, p_abs_{0, 0};
   IntervalSet set_;
