@@ -848,7 +848,7 @@ __attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* 
                                                                  IntervalCounts* c, uint32_t* out) {
   constexpr int kSegments = kAbs + (kSigned ? 1 : 0);
   const CompressTable& table = compress_table();
-  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+  const __m256i abs_high = _mm256_set1_epi16(0x7fff);
   const __m256i zero = _mm256_setzero_si256();
   // A high half h lies at or above a bin b when h > b - 1 (int16 compares). The bounds stay
   // in memory, as operands of the compares: registers are for the counters.
@@ -873,9 +873,10 @@ __attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* 
     for (const int64_t stop = j + std::min<int64_t>(127 * 16, (n - j) & ~int64_t{15}); j < stop; j += 16) {
       const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j));
       const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 8));
-      // High halves of the |x| keys, 16 lanes in the order v0[0..3], v1[0..3], v0[4..7], v1[4..7].
-      const __m256i a0 = _mm256_and_si256(v0, abs_mask), a1 = _mm256_and_si256(v1, abs_mask);
-      const __m256i h = _mm256_packus_epi32(_mm256_srli_epi32(a0, 16), _mm256_srli_epi32(a1, 16));
+      // High halves of the raw bits and of the |x| keys, 16 lanes in the order v0[0..3],
+      // v1[0..3], v0[4..7], v1[4..7].
+      const __m256i raw = _mm256_packs_epi32(_mm256_srai_epi32(v0, 16), _mm256_srai_epi32(v1, 16));
+      const __m256i h = _mm256_and_si256(raw, abs_high);
       largest_high = _mm256_max_epu16(largest_high, h);  // NaN and Inf lie above every finite |x|
       __m256i in = zero;
       for (int i = 0; i < kAbs; ++i) {  // non-finite keys lie above every interval
@@ -889,8 +890,7 @@ __attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* 
       // (the spec's Mneg, used only then).
       largest_raw = _mm256_max_epu32(largest_raw, _mm256_max_epu32(v0, v1));
       if (kSigned) {  // signed_order >> 16 is h for positive values, -1 - h for negative ones
-        const __m256i sh = _mm256_xor_si256(
-            h, _mm256_packs_epi32(_mm256_srai_epi32(v0, 31), _mm256_srai_epi32(v1, 31)));
+        const __m256i sh = _mm256_xor_si256(raw, _mm256_srli_epi16(_mm256_srai_epi16(raw, 15), 1));
         const __m256i ge = _mm256_cmpgt_epi16(sh, lo_m1[kAbs]);
         const __m256i inside = _mm256_andnot_si256(_mm256_cmpgt_epi16(sh, hi_m1[kAbs]), ge);
         counts[kAbs] = _mm256_sub_epi8(counts[kAbs], _mm256_packs_epi16(ge, inside));
