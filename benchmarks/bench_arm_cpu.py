@@ -6,6 +6,9 @@ thread count; the table shows ratios (the machine may be shared, absolute times 
     speedup   = reference / native          (target: >= 10)
     vs_add    = native / torch.add(x, 1.0)  (one read and one freshly allocated write; target: <= 5)
     vs_abs    = native / x.abs()
+    paired    = the median over rounds of native / add within the same round, with its
+                quartiles in the JSON: steadier than the ratio of minima when the load of the
+                machine drifts between rounds
 
     python benchmarks/bench_arm_cpu.py --threads 2
 """
@@ -88,11 +91,14 @@ def bench(shape, dtype, scope: str, rounds: int, reference_rounds: int) -> dict:
         if r < reference_rounds:
             times["reference"] += best_of(lambda: arm_reference(x, None, None, config), 1)
     ms = {name: 1e3 * min(values) for name, values in times.items()}
+    paired = sorted(n / a for n, a in zip(times["native"], times["add"]))
     return {
         "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "scope": scope, "rounds": rounds,
         "reference_rounds": reference_rounds, "min_ms": ms,
         "median_ms": {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items()},
         "speedup": ms["reference"] / ms["native"], "vs_add": ms["native"] / ms["add"], "vs_abs": ms["native"] / ms["abs"],
+        "vs_add_paired": {"median": paired[len(paired) // 2], "q1": paired[len(paired) // 4],
+                          "q3": paired[(3 * len(paired)) // 4]},
     }
 
 
@@ -112,7 +118,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     record = {"command": " ".join([Path(sys.executable).name] + sys.argv), "threads": args.threads,
               "machine": machine(), "results": []}
-    header = f"{'shape':>16} {'dtype':>9} {'scope':>9} | {'reference':>10} {'native':>8} {'add':>7} {'abs':>7} ms | {'speedup':>8} {'vs add':>7} {'vs abs':>7}"
+    header = f"{'shape':>16} {'dtype':>9} {'scope':>9} | {'reference':>10} {'native':>8} {'add':>7} {'abs':>7} ms | {'speedup':>8} {'vs add':>7} {'vs abs':>7} {'paired':>7}"
     print(header)
     print("-" * len(header))
     for shape_text in args.shapes.split(","):
@@ -123,7 +129,8 @@ def main() -> int:
                 record["results"].append(row)
                 ms = row["min_ms"]
                 print(f"{shape_text:>16} {dtype_name:>9} {scope:>9} | {ms['reference']:10.1f} {ms['native']:8.2f} "
-                      f"{ms['add']:7.2f} {ms['abs']:7.2f}    | {row['speedup']:7.1f}x {row['vs_add']:6.2f}x {row['vs_abs']:6.2f}x",
+                      f"{ms['add']:7.2f} {ms['abs']:7.2f}    | {row['speedup']:7.1f}x {row['vs_add']:6.2f}x {row['vs_abs']:6.2f}x "
+                      f"{row['vs_add_paired']['median']:6.2f}x",
                       flush=True)
     record["load_average_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
