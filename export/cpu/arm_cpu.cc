@@ -22,6 +22,7 @@
 // Bit exactness: build with -ffp-contract=off (no fused multiply-add), float math in float32,
 // the share and percentile in double, exactly in the spec's evaluation order.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -797,6 +798,7 @@ void for_valid_ranges(const Problem& p, int64_t b, int64_t e, F&& f) {
 constexpr int kMaxIntervals = 6;  // |x| intervals of the counting pass: m, MAD (2), eps, t, Qp
 constexpr int64_t kSampleRuns = 2048, kSampleRun = 64;
 constexpr int64_t kMinSampledGroup = int64_t{1} << 20;  // below this the sample costs too much
+constexpr size_t kParallelSelection = 8192;  // kept keys from which a selection splits its first round
 constexpr uint32_t kFiniteKeys = 0x7f800000u;            // |x| keys of the finite values
 
 struct KeyInterval {  // keys [lo, hi)
@@ -1044,37 +1046,59 @@ __attribute__((target("avx2,popcnt"))) void split_by_interval_avx2(const uint32_
 // Rank k (0-based, ascending) of keys[0, n), all in w; reorders keys. Each round counts the
 // keys below 15 evenly spaced pivots and keeps those of the sixteenth that holds rank k;
 // a few hundred left are selected directly.
-__attribute__((target("avx2,popcnt"))) uint32_t kth_key_avx2(uint32_t* keys, size_t n, KeyInterval w, int64_t k) {
-  constexpr int kPivots = 15;
+// A round of kth_key_avx2: w cut into sixteen equal ranges of keys.
+struct Sixteenths {
+  static constexpr int kParts = 16;
+  uint32_t bound[kParts + 1];  // part i is keys [bound[i], bound[i + 1]), clamped to w
+  explicit Sixteenths(KeyInterval w) {
+    const uint32_t step = (w.hi - w.lo) / kParts + 1;
+    for (int i = 0; i < kParts; ++i)
+      bound[i] = static_cast<uint32_t>(std::min<uint64_t>(uint64_t{w.lo} + uint64_t{step} * i, w.hi));
+    bound[kParts] = w.hi;
+  }
+  static bool worth_it(KeyInterval w) { return w.hi - w.lo > kParts; }
+  KeyInterval part(int i) const { return {bound[i], bound[i + 1]}; }
+};
+
+// below[i] = the keys[0, n) under the end of part i, for every part but the last (n).
+__attribute__((target("avx2"))) void count_by_sixteenths_avx2(const uint32_t* keys, size_t n, const Sixteenths& cut,
+                                                                int64_t* below) {
+  constexpr int kPivots = Sixteenths::kParts - 1;
   const __m256i flip = _mm256_set1_epi32(std::numeric_limits<int32_t>::min());
-  while (n > 512 && w.hi - w.lo > kPivots + 1) {
-    const uint32_t step = (w.hi - w.lo) / (kPivots + 1) + 1;
-    uint32_t bound[kPivots + 2];  // the sixteenths' ends, clamped to w
-    for (int i = 0; i <= kPivots + 1; ++i) bound[i] = static_cast<uint32_t>(std::min<uint64_t>(uint64_t{w.lo} + uint64_t{step} * i, w.hi));
-    bound[kPivots + 1] = w.hi;
-    __m256i pivot[kPivots], below[kPivots];
-    for (int i = 0; i < kPivots; ++i) {  // unsigned compares: flip the sign bits
-      pivot[i] = _mm256_set1_epi32(static_cast<int>(bound[i + 1] ^ 0x80000000u));
-      below[i] = _mm256_setzero_si256();
-    }
-    size_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j)), flip);
-      for (int i = 0; i < kPivots; ++i) below[i] = _mm256_sub_epi32(below[i], _mm256_cmpgt_epi32(pivot[i], v));
-    }
-    int64_t count[kPivots + 1];
-    for (int i = 0; i < kPivots; ++i) {
-      count[i] = lane_sum(below[i]);
-      for (size_t t = j; t < n; ++t) count[i] += keys[t] < bound[i + 1];
-    }
-    count[kPivots] = static_cast<int64_t>(n);
-    int s = 0;
-    while (count[s] <= k) ++s;
-    const int64_t before = s > 0 ? count[s - 1] : 0;
-    const KeyInterval part{bound[s], bound[s + 1]};  // holds rank k, so not empty
-    n = keys_in_avx2(keys, n, part, keys);
+  __m256i pivot[kPivots], count[kPivots];
+  for (int i = 0; i < kPivots; ++i) {  // unsigned compares: flip the sign bits
+    pivot[i] = _mm256_set1_epi32(static_cast<int>(cut.bound[i + 1] ^ 0x80000000u));
+    count[i] = _mm256_setzero_si256();
+  }
+  size_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j)), flip);
+    for (int i = 0; i < kPivots; ++i) count[i] = _mm256_sub_epi32(count[i], _mm256_cmpgt_epi32(pivot[i], v));
+  }
+  for (int i = 0; i < kPivots; ++i) {
+    below[i] = lane_sum(count[i]);
+    for (size_t t = j; t < n; ++t) below[i] += keys[t] < cut.bound[i + 1];
+  }
+  below[kPivots] = static_cast<int64_t>(n);
+}
+
+// The part that holds rank k, given below[] summed as by count_by_sixteenths_avx2; *before:
+// the keys in the parts ahead of it.
+inline int part_holding(const int64_t* below, int64_t k, int64_t* before) {
+  int s = 0;
+  while (below[s] <= k) ++s;
+  *before = s > 0 ? below[s - 1] : 0;
+  return s;
+}
+
+__attribute__((target("avx2,popcnt"))) uint32_t kth_key_avx2(uint32_t* keys, size_t n, KeyInterval w, int64_t k) {
+  while (n > 512 && Sixteenths::worth_it(w)) {
+    const Sixteenths cut(w);
+    int64_t below[Sixteenths::kParts], before;
+    count_by_sixteenths_avx2(keys, n, cut, below);
+    w = cut.part(part_holding(below, k, &before));  // holds rank k, so not empty
+    n = keys_in_avx2(keys, n, w, keys);
     k -= before;
-    w = part;
   }
   std::nth_element(keys, keys + k, keys + n);
   return keys[k];
@@ -1120,6 +1144,7 @@ struct SampledWorkspace {
   std::vector<uint32_t> below_abs, below_pos, below_neg;
   std::vector<std::vector<uint32_t>> kept;    // per thread: the values inside the intervals
   std::vector<std::vector<uint32_t>> parts;   // per thread: their keys, split by interval
+  std::vector<std::vector<uint32_t>> distances;  // per thread: d = |a - m| of its kept values near m -/+ MAD
   std::vector<uint32_t> keys;                 // selection scratch
 };
 
@@ -1355,30 +1380,78 @@ class SampledStatistics {
     throw std::logic_error("ARM bracket outside the counting intervals");
   }
 
-  // Writes to ws_.keys the keys in w of threads [t0, t1)'s kept values (|x| keys, or signed
-  // ones); returns how many.
-  size_t collect(KeyInterval w, bool signed_keys, int t0, int t1) {
-    const int segment = signed_keys ? set_.n_abs : interval_of(w);
-    size_t total = 8;
-    for (int t = t0; t < t1; ++t) total += static_cast<size_t>(counts_[t].inside[segment]);
-    if (ws_.keys.size() < total) ws_.keys.resize(total);
-    size_t n = 0;
-    for (int t = t0; t < t1; ++t) {
-      const IntervalCounts& c = counts_[t];
-      n += keys_in_avx2(ws_.parts[t].data() + c.segment_start[segment], static_cast<size_t>(c.inside[segment]), w,
-                        ws_.keys.data() + n);
-    }
-    return n;
+  // Keys that each thread holds, in its own memory: kept values of one counting segment, or
+  // the d's of the MAD.
+  struct KeySpan {
+    const uint32_t* keys;
+    size_t n;
+  };
+  std::vector<KeySpan> segment_spans(int segment) const {
+    std::vector<KeySpan> spans(threads_);
+    for (int t = 0; t < threads_; ++t)
+      spans[t] = {ws_.parts[t].data() + counts_[t].segment_start[segment], static_cast<size_t>(counts_[t].inside[segment])};
+    return spans;
   }
-  size_t count_in(KeyInterval w, bool signed_keys = false) { return collect(w, signed_keys, 0, threads_); }
+  // The counting segment of an interval inside one, or the signed one.
+  int segment_of(KeyInterval w, bool signed_keys) const { return signed_keys ? set_.n_abs : interval_of(w); }
 
-  // Rank k of the kept values' keys in w; false when fewer than k + 1 lie there.
-  bool kth_in(KeyInterval w, int64_t k, bool signed_keys, uint32_t* key) {
-    if (k < 0) return false;
-    const size_t n = collect(w, signed_keys, 0, threads_);
-    if (static_cast<int64_t>(n) <= k) return false;
+  // Per thread, its kept keys of a segment below `key` (and, with key2, below that).
+  std::vector<int64_t> below_key(int segment, uint32_t key, uint32_t key2 = 0, std::vector<int64_t>* below2 = nullptr) {
+    const std::vector<KeySpan> spans = segment_spans(segment);
+    std::vector<int64_t> below(threads_);
+    if (below2) below2->assign(threads_, 0);
+    run_threads(threads_, [&](int t) {
+      const int64_t n = static_cast<int64_t>(spans[t].n);
+      below[t] = count_below(spans[t].keys, n, key);
+      if (below2) (*below2)[t] = count_below(spans[t].keys, n, key2);
+    });
+    return below;
+  }
+  static int64_t sum(const std::vector<int64_t>& v) { return std::accumulate(v.begin(), v.end(), int64_t{0}); }
+
+  // Rank k of the keys of spans (all inside w); false when fewer than k + 1. Large ones take
+  // their first round of sixteenths on each thread's own keys, in parallel, and gather only
+  // the part that holds rank k.
+  bool kth_across(const std::vector<KeySpan>& spans, KeyInterval w, int64_t k, uint32_t* key) {
+    size_t total = 0;
+    for (const KeySpan& span : spans) total += span.n;
+    if (k < 0 || static_cast<int64_t>(total) <= k) return false;
+    size_t n = 0;
+    if (total < kParallelSelection || !Sixteenths::worth_it(w)) {
+      ws_.keys.resize(std::max(ws_.keys.size(), total));
+      for (const KeySpan& span : spans) {
+        std::copy(span.keys, span.keys + span.n, ws_.keys.data() + n);
+        n += span.n;
+      }
+    } else {
+      const Sixteenths cut(w);
+      std::vector<std::array<int64_t, Sixteenths::kParts>> below(threads_);
+      run_threads(threads_, [&](int t) { count_by_sixteenths_avx2(spans[t].keys, spans[t].n, cut, below[t].data()); });
+      int64_t all_below[Sixteenths::kParts] = {}, before;
+      for (const auto& b : below)
+        for (int i = 0; i < Sixteenths::kParts; ++i) all_below[i] += b[i];
+      const int s = part_holding(all_below, k, &before);
+      w = cut.part(s);
+      k -= before;
+      // Each thread writes its keys in the part at its own offset, 8 slots apart for the
+      // vector stores' overrun; then the blocks close up.
+      std::vector<size_t> offset(threads_ + 1, 0), in_part(threads_);
+      for (int t = 0; t < threads_; ++t) {
+        in_part[t] = static_cast<size_t>(below[t][s] - (s > 0 ? below[t][s - 1] : 0));
+        offset[t + 1] = offset[t] + in_part[t] + 8;
+      }
+      ws_.keys.resize(std::max(ws_.keys.size(), offset[threads_]));
+      run_threads(threads_, [&](int t) { keys_in_avx2(spans[t].keys, spans[t].n, w, ws_.keys.data() + offset[t]); });
+      for (int t = 0; t < threads_; ++t) {
+        std::memmove(ws_.keys.data() + n, ws_.keys.data() + offset[t], in_part[t] * sizeof(uint32_t));
+        n += in_part[t];
+      }
+    }
     *key = kth_key_avx2(ws_.keys.data(), n, w, k);
     return true;
+  }
+  bool kth_in_segment(KeyInterval w, bool signed_keys, int64_t k, uint32_t* key) {
+    return kth_across(segment_spans(segment_of(w, signed_keys)), w, k, key);
   }
 
   bool resolve(Stats* st, std::vector<TieShare>* quota) {
@@ -1386,7 +1459,7 @@ class SampledStatistics {
     const int64_t N = n_valid_, rank = (N - 1) / 2;
     const int im = interval_of(m_);
     uint32_t key;
-    if (!kth_in(set_.abs[im], rank - below_[im], false, &key)) return false;
+    if (!kth_in_segment(set_.abs[im], false, rank - below_[im], &key)) return false;
     const float m = float_of(key);
     float mad;
     if (!resolve_mad(m, rank, &mad)) return false;
@@ -1397,14 +1470,16 @@ class SampledStatistics {
       const int ie = interval_of(eps_);
       const KeyInterval e = set_.abs[ie];
       if (!(eps_key >= e.lo && eps_key <= e.hi)) return false;
-      near = below_[ie] + static_cast<int64_t>(count_in({e.lo, eps_key}));
+      near = below_[ie] + sum(below_key(ie, eps_key));
     }
     const int64_t n = moved_count(at, N, near);
     // The threshold, rank n - 1 of |x|, and how many of its ties move.
     const int it = interval_of(t_);
-    if (!kth_in(set_.abs[it], n - 1 - below_[it], false, &key)) return false;
+    if (!kth_in_segment(set_.abs[it], false, n - 1 - below_[it], &key)) return false;
     const uint32_t t_key = key;
-    const int64_t below_t = below_[it] + static_cast<int64_t>(count_in({set_.abs[it].lo, t_key}));
+    std::vector<int64_t> to;  // per thread: keys at or below t_key
+    const std::vector<int64_t> under = below_key(it, t_key, t_key + 1, &to);
+    const int64_t below_t = below_[it] + sum(under);
     // Qp.
     const PercentileRanks pr = percentile_ranks(at, N);
     float v[2];
@@ -1412,10 +1487,10 @@ class SampledStatistics {
     for (int i = 0; i < 2; ++i) {
       if (at.percentile_abs) {
         const int ip = interval_of(p_abs_);
-        if (!kth_in(set_.abs[ip], ranks[i] - below_[ip], false, &key)) return false;
+        if (!kth_in_segment(set_.abs[ip], false, ranks[i] - below_[ip], &key)) return false;
         v[i] = float_of(key);
       } else {
-        if (!kth_in(set_.signed_keys, ranks[i] - below_signed_, true, &key)) return false;
+        if (!kth_in_segment(set_.signed_keys, true, ranks[i] - below_signed_, &key)) return false;
         v[i] = from_signed_key(key);
       }
     }
@@ -1433,7 +1508,7 @@ class SampledStatistics {
     // Ties are taken in flat order: the earliest chunks take theirs first.
     int64_t left = st->tie_quota;
     for (int t = 0; t < threads_; ++t) {
-      const int64_t ties = static_cast<int64_t>(collect({t_key, t_key + 1}, false, t, t + 1));
+      const int64_t ties = to[t] - under[t];
       (*quota)[t] = {std::min(ties, left), ties};
       left -= (*quota)[t].take;
     }
@@ -1481,22 +1556,29 @@ class SampledStatistics {
     cut_lo = std::max(cut_lo, sample_lo);
     cut_hi = std::min(cut_hi, sample_hi);
     if (!(cut_lo < cut_hi)) return false;
-    // The exact d's in (cut_lo, cut_hi], straight from the two intervals' kept keys.
-    ws_.keys.resize(static_cast<size_t>(in_exact[ib] + (ia != ib ? in_exact[ia] : 0)) + 8);
+    // The exact d's in (cut_lo, cut_hi], straight from the two intervals' kept keys, each
+    // thread from its own.
     const int exact[2] = {ib, ia};
-    size_t n_mid = 0;
-    for (int t = 0; t < threads_; ++t) {
+    if (ws_.distances.size() < static_cast<size_t>(threads_)) ws_.distances.resize(threads_);
+    std::vector<KeySpan> mid(threads_);
+    std::vector<int64_t> low_of(threads_, 0);
+    run_threads(threads_, [&](int t) {
       const IntervalCounts& c = counts_[t];
+      std::vector<uint32_t>& d = ws_.distances[t];
+      d.resize(static_cast<size_t>(c.inside[ib] + (ia != ib ? c.inside[ia] : 0)) + 8);
+      size_t n = 0;
       for (int e = 0; e < (ia == ib ? 1 : 2); ++e) {
         const int i = exact[e];
-        n_mid += distances_avx2(ws_.parts[t].data() + c.segment_start[i], static_cast<size_t>(c.inside[i]), m, cut_lo,
-                                cut_hi, &low, ws_.keys.data() + n_mid);
+        n += distances_avx2(ws_.parts[t].data() + c.segment_start[i], static_cast<size_t>(c.inside[i]), m, cut_lo,
+                            cut_hi, &low_of[t], d.data() + n);
       }
-    }
-    const int64_t k = rank - low;
-    if (k < 0 || k >= static_cast<int64_t>(n_mid)) return false;
+      mid[t] = {d.data(), n};
+    });
+    low += sum(low_of);
     const uint32_t mid_lo = cut_lo < 0 ? 0u : bits_of(cut_lo) + 1;
-    *mad = float_of(kth_key_avx2(ws_.keys.data(), n_mid, {mid_lo, bits_of(cut_hi) + 1}, k));
+    uint32_t key;
+    if (!kth_across(mid, {mid_lo, bits_of(cut_hi) + 1}, rank - low, &key)) return false;
+    *mad = float_of(key);
     return true;
   }
 
