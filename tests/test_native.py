@@ -166,10 +166,11 @@ def test_sampled_and_histogram_paths_agree(monkeypatch):
     assert_same_bits(sampled, native(x, config=ARMConfig(seed=9)))
 
 
-def test_parity_output_written_around_the_cache():
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_parity_output_written_around_the_cache(dtype):
     # Chunks of 8 MiB or more per thread are written with non-temporal stores.
     gen = torch.Generator().manual_seed(11)
-    x = data("normal", (1, 4, 600_000), torch.float32, gen)
+    x = data("normal", (1, 4, 600_000 * 4 // dtype.itemsize), dtype, gen)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

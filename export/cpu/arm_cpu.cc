@@ -373,26 +373,29 @@ const CompressTable& compress_table() {
 // short (kStretch at most), so the moves land in cache. stream: copy and patch in a buffer
 // and send it past the cache (non-temporal stores), for outputs too large to stay there.
 constexpr int64_t kStretch = 4096;
-template <class M>
-__attribute__((target("avx2"))) void write_stretch(const float* x, float* y, int64_t from, int64_t to,
-                                                   uint32_t channel0, bool stream, M& mover) {
+template <class D, class M>
+__attribute__((target("avx2"))) void write_stretch(const typename D::Raw* x, typename D::Raw* y, int64_t from,
+                                                   int64_t to, uint32_t channel0, bool stream, M& mover) {
+  using Raw = typename D::Raw;
+  constexpr int64_t kPerVector = 32 / sizeof(Raw);
   alignas(32) uint32_t w[M::kBatch];
   mover.words(w);
-  alignas(32) float buffer[kStretch + 8];
-  float* out = stream ? buffer - from : y;  // indexed like y
-  if (stream) std::memcpy(out + from, x + from, (to - from) * sizeof(float));
+  alignas(32) Raw buffer[kStretch + kPerVector];
+  Raw* out = stream ? buffer - from : y;  // indexed like y
+  if (stream) std::memcpy(out + from, x + from, (to - from) * sizeof(Raw));
   // Each element's sign is read back from x: cheaper here, for the few that move, than kept
   // for every lane in the selection loop.
   const uint32_t* channels = mover.channels();
   for (size_t q = 0; q < mover.size(); ++q) {
     const uint32_t j = channels[q] - channel0;
-    out[j] = mover.moved(w[q], x[j]);
+    out[j] = D::raw_of(mover.moved(w[q], D::value(x[j])));
   }
   mover.set_size(0);
   if (!stream) return;
   int64_t k = from;
   for (; k < to && (reinterpret_cast<uintptr_t>(y + k) & 31u); ++k) y[k] = out[k];
-  for (; k + 8 <= to; k += 8) _mm256_stream_ps(y + k, _mm256_loadu_ps(out + k));
+  for (; k + kPerVector <= to; k += kPerVector)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(y + k), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(out + k)));
   for (; k < to; ++k) y[k] = out[k];
 }
 
@@ -404,6 +407,8 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
   constexpr int64_t kBlock = 128;  // elements between checks of the queue's room
   static_assert(M::kBatch >= 2 * kBlock, "a block must fit in the queue");
   const CompressTable& table = compress_table();
+  const uint32_t* xr = reinterpret_cast<const uint32_t*>(x);
+  uint32_t* yr = reinterpret_cast<uint32_t*>(y);
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), limit = _mm256_set1_ps(t);
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const uint32_t channel0 = static_cast<uint32_t>(first - mover.base());
@@ -414,7 +419,7 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
   while (j < vectors_end) {
     if (queued + kBlock > M::kBatch || j + kBlock - written > kStretch) {
       mover.set_size(queued);
-      write_stretch(x, y, written, j, channel0, stream, mover);
+      write_stretch<Float32>(xr, yr, written, j, channel0, stream, mover);
       written = j;
       queued = 0;
     }
@@ -441,7 +446,7 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
   for (; j < n; ++j) {
     if (queued == M::kBatch || j - written == kStretch) {
       mover.set_size(queued);
-      write_stretch(x, y, written, j, channel0, stream, mover);
+      write_stretch<Float32>(xr, yr, written, j, channel0, stream, mover);
       written = j;
       queued = 0;
     }
@@ -453,8 +458,83 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x,
     }
   }
   mover.set_size(queued);
-  write_stretch(x, y, written, n, channel0, stream, mover);
+  write_stretch<Float32>(xr, yr, written, n, channel0, stream, mover);
   if (stream) _mm_sfence();  // non-temporal stores are weakly ordered: finish them here
+  return tie_quota;
+}
+
+// Sixteen 16-bit lane masks (all ones or zero) as 16 bits, in element order.
+__attribute__((target("avx2"))) inline unsigned bits_of_lanes(__m256i m) {
+  const unsigned b = static_cast<unsigned>(_mm256_movemask_epi8(_mm256_packs_epi16(m, _mm256_setzero_si256())));
+  return (b & 0xffu) | ((b >> 8) & 0xff00u);
+}
+
+// The same for float16 and bfloat16: sixteen |x| keys (raw & 0x7fff, which order like |x|)
+// per compare against the threshold's key.
+template <class D, bool kAllTies, class M>
+__attribute__((target("avx2,popcnt"))) int64_t select_token16_avx2(const uint16_t* x, uint16_t* y, int64_t n,
+                                                                    int64_t first, uint16_t t_key, int64_t tie_quota,
+                                                                    bool stream, M& mover) {
+  constexpr int64_t kBlock = 128;  // elements between checks of the queue's room
+  static_assert(M::kBatch >= 2 * kBlock, "a block must fit in the queue");
+  const CompressTable& table = compress_table();
+  const __m256i key_mask = _mm256_set1_epi16(0x7fff), limit = _mm256_set1_epi16(static_cast<int16_t>(t_key));
+  const __m256i eight = _mm256_set1_epi32(8);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const uint32_t channel0 = static_cast<uint32_t>(first - mover.base());
+  uint32_t* channels = mover.channels();
+  size_t queued = mover.size();
+  int64_t written = 0, j = 0;
+  const int64_t vectors_end = n & ~int64_t{15};
+  while (j < vectors_end) {
+    if (queued + kBlock > M::kBatch || j + kBlock - written > kStretch) {
+      mover.set_size(queued);
+      write_stretch<D>(x, y, written, j, channel0, stream, mover);
+      written = j;
+      queued = 0;
+    }
+    __m256i index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(channel0 + j)), lanes);
+    for (const int64_t stop = std::min(j + kBlock, vectors_end); j < stop; j += 16) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j));
+      if (!stream) _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j), v);
+      const __m256i key = _mm256_and_si256(v, key_mask);
+      unsigned keep;
+      if (kAllTies) {  // every key == t_key in this share moves
+        keep = bits_of_lanes(_mm256_or_si256(_mm256_cmpgt_epi16(limit, key), _mm256_cmpeq_epi16(key, limit)));
+      } else {
+        keep = bits_of_lanes(_mm256_cmpgt_epi16(limit, key));
+        if (unsigned ties = bits_of_lanes(_mm256_cmpeq_epi16(key, limit))) {
+          for (; ties && tie_quota > 0; ties &= ties - 1, --tie_quota) keep |= ties & (0u - ties);
+        }
+      }
+      const unsigned low = keep & 0xffu, high = keep >> 8;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(channels + queued),
+                          _mm256_permutevar8x32_epi32(index, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[low]))));
+      queued += static_cast<size_t>(__builtin_popcount(low));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(channels + queued),
+                          _mm256_permutevar8x32_epi32(_mm256_add_epi32(index, eight),
+                                                      _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[high]))));
+      queued += static_cast<size_t>(__builtin_popcount(high));
+      index = _mm256_add_epi32(index, _mm256_set1_epi32(16));
+    }
+  }
+  for (; j < n; ++j) {
+    if (queued == M::kBatch || j - written == kStretch) {
+      mover.set_size(queued);
+      write_stretch<D>(x, y, written, j, channel0, stream, mover);
+      written = j;
+      queued = 0;
+    }
+    if (!stream) y[j] = x[j];
+    const uint16_t key = x[j] & 0x7fffu;
+    if (key < t_key || (key == t_key && (kAllTies || tie_quota > 0))) {
+      if (!(key < t_key)) --tie_quota;
+      channels[queued++] = channel0 + static_cast<uint32_t>(j);
+    }
+  }
+  mover.set_size(queued);
+  write_stretch<D>(x, y, written, n, channel0, stream, mover);
+  if (stream) _mm_sfence();
   return tie_quota;
 }
 #endif
@@ -467,12 +547,16 @@ template <class D>
 int64_t select_token(const typename D::Raw* x, typename D::Raw* y, int64_t n, int64_t first, float t,
                      int64_t tie_quota, bool all_ties, bool stream, Mover<D>& mover) {
 #if defined(__x86_64__) || defined(__i386__)
-  if constexpr (std::is_same<D, Float32>::value) {
-    if (use_avx2()) {
+  if (use_avx2()) {
+    if constexpr (std::is_same<D, Float32>::value) {
       const float* xf = reinterpret_cast<const float*>(x);
       float* yf = reinterpret_cast<float*>(y);
       return all_ties ? select_token_avx2<true>(xf, yf, n, first, t, tie_quota, stream, mover)
                       : select_token_avx2<false>(xf, yf, n, first, t, tie_quota, stream, mover);
+    } else {
+      const uint16_t t_key = static_cast<uint16_t>(D::akey(D::raw_of(t)));  // t is one of the group's values
+      return all_ties ? select_token16_avx2<D, true>(x, y, n, first, t_key, tie_quota, stream, mover)
+                      : select_token16_avx2<D, false>(x, y, n, first, t_key, tie_quota, stream, mover);
     }
   }
 #endif
