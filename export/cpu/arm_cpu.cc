@@ -1127,10 +1127,7 @@ __attribute__((target("avx2,popcnt"))) void split_by_interval_avx2(const uint32_
 #endif
 
 #if defined(__x86_64__) || defined(__i386__)
-// Rank k (0-based, ascending) of keys[0, n), all in w; reorders keys. Each round counts the
-// keys below 15 evenly spaced pivots and keeps those of the sixteenth that holds rank k;
-// a few hundred left are selected directly.
-// A round of kth_key_avx2: w cut into sixteen equal ranges of keys.
+// A round of kth_key_avx2 (below): w cut into sixteen equal ranges of keys.
 struct Sixteenths {
   static constexpr int kParts = 16;
   uint32_t bound[kParts + 1];  // part i is keys [bound[i], bound[i + 1]), clamped to w
@@ -1175,6 +1172,9 @@ inline int part_holding(const int64_t* below, int64_t k, int64_t* before) {
   return s;
 }
 
+// Rank k (0-based, ascending) of keys[0, n), all in w; reorders keys. Each round counts the
+// keys below 15 evenly spaced pivots and keeps those of the sixteenth that holds rank k;
+// a few hundred left are selected directly.
 __attribute__((target("avx2,popcnt"))) uint32_t kth_key_avx2(uint32_t* keys, size_t n, KeyInterval w, int64_t k) {
   while (n > 512 && Sixteenths::worth_it(w)) {
     const Sixteenths cut(w);
