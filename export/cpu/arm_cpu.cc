@@ -399,93 +399,53 @@ __attribute__((target("avx2"))) void write_stretch(const typename D::Raw* x, typ
   for (; k < to; ++k) y[k] = out[k];
 }
 
-// select_token (below) for float32 with AVX2: no branch per element; the kept lanes are
-// compacted into the mover's queue, and y is copied as x is read.
-template <bool kAllTies, class M>
-__attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const float* x, float* y, int64_t n, int64_t first,
-                                                                  float t, int64_t tie_quota, bool stream, M& mover) {
+// |x| keys per AVX2 vector: eight float32 values (their bits without the sign) or sixteen
+// float16 / bfloat16 ones (raw & 0x7fff); both order like |x|, NaN and Inf above every
+// finite threshold.
+template <class D>
+struct KeyLanes {
+  static constexpr int64_t kLanes = 16;
+  static constexpr uint32_t kKeyMask = 0x7fffu;
+  __attribute__((target("avx2"))) static __m256i splat(uint32_t key) {
+    return _mm256_set1_epi16(static_cast<int16_t>(key));
+  }
+  __attribute__((target("avx2"))) static __m256i less(__m256i a, __m256i b) { return _mm256_cmpgt_epi16(b, a); }
+  __attribute__((target("avx2"))) static __m256i equal(__m256i a, __m256i b) { return _mm256_cmpeq_epi16(a, b); }
+  __attribute__((target("avx2"))) static unsigned bits(__m256i m) {  // lane masks -> bits in element order
+    const unsigned b = static_cast<unsigned>(_mm256_movemask_epi8(_mm256_packs_epi16(m, _mm256_setzero_si256())));
+    return (b & 0xffu) | ((b >> 8) & 0xff00u);
+  }
+};
+template <>
+struct KeyLanes<Float32> {
+  static constexpr int64_t kLanes = 8;
+  static constexpr uint32_t kKeyMask = 0x7fffffffu;
+  __attribute__((target("avx2"))) static __m256i splat(uint32_t key) { return _mm256_set1_epi32(static_cast<int>(key)); }
+  __attribute__((target("avx2"))) static __m256i less(__m256i a, __m256i b) { return _mm256_cmpgt_epi32(b, a); }
+  __attribute__((target("avx2"))) static __m256i equal(__m256i a, __m256i b) { return _mm256_cmpeq_epi32(a, b); }
+  __attribute__((target("avx2"))) static unsigned bits(__m256i m) {
+    return static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(m)));
+  }
+};
+
+// select_token (below) with AVX2: no branch per element but the rare tie; the kept lanes are
+// compacted into the mover's queue, eight at a time, and y is copied as x is read. t_key:
+// the threshold's |x| key.
+template <class D, bool kAllTies, class M>
+__attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const typename D::Raw* x, typename D::Raw* y,
+                                                                  int64_t n, int64_t first, uint32_t t_key,
+                                                                  int64_t tie_quota, bool stream, M& mover) {
+  using Lanes = KeyLanes<D>;
   constexpr int64_t kBlock = 128;  // elements between checks of the queue's room
   static_assert(M::kBatch >= 2 * kBlock, "a block must fit in the queue");
   const CompressTable& table = compress_table();
-  const uint32_t* xr = reinterpret_cast<const uint32_t*>(x);
-  uint32_t* yr = reinterpret_cast<uint32_t*>(y);
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), limit = _mm256_set1_ps(t);
+  const __m256i key_mask = Lanes::splat(Lanes::kKeyMask), limit = Lanes::splat(t_key);
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const uint32_t channel0 = static_cast<uint32_t>(first - mover.base());
   uint32_t* channels = mover.channels();
   size_t queued = mover.size();  // kept in a register: the queue is this loop's only state
   int64_t written = 0, j = 0;
-  const int64_t vectors_end = n & ~int64_t{7};
-  while (j < vectors_end) {
-    if (queued + kBlock > M::kBatch || j + kBlock - written > kStretch) {
-      mover.set_size(queued);
-      write_stretch<Float32>(xr, yr, written, j, channel0, stream, mover);
-      written = j;
-      queued = 0;
-    }
-    // The channels of the eight lanes at hand.
-    __m256i index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(channel0 + j)), lanes);
-    for (const int64_t stop = std::min(j + kBlock, vectors_end); j < stop; j += 8) {
-      const __m256 v = _mm256_loadu_ps(x + j), a = _mm256_and_ps(v, abs_mask);
-      if (!stream) _mm256_storeu_ps(y + j, v);
-      unsigned keep;
-      if (kAllTies) {  // every a == t in this share moves
-        keep = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_LE_OQ)));
-      } else {
-        keep = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_LT_OQ)));
-        if (unsigned ties = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_EQ_OQ)))) {
-          for (; ties && tie_quota > 0; ties &= ties - 1, --tie_quota) keep |= ties & (0u - ties);
-        }
-      }
-      const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[keep]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(channels + queued), _mm256_permutevar8x32_epi32(index, perm));
-      queued += static_cast<size_t>(__builtin_popcount(keep));
-      index = _mm256_add_epi32(index, _mm256_set1_epi32(8));
-    }
-  }
-  for (; j < n; ++j) {
-    if (queued == M::kBatch || j - written == kStretch) {
-      mover.set_size(queued);
-      write_stretch<Float32>(xr, yr, written, j, channel0, stream, mover);
-      written = j;
-      queued = 0;
-    }
-    if (!stream) y[j] = x[j];
-    const float a = std::fabs(x[j]);
-    if (a < t || (a == t && (kAllTies || tie_quota > 0))) {
-      if (!(a < t)) --tie_quota;
-      channels[queued++] = channel0 + static_cast<uint32_t>(j);
-    }
-  }
-  mover.set_size(queued);
-  write_stretch<Float32>(xr, yr, written, n, channel0, stream, mover);
-  if (stream) _mm_sfence();  // non-temporal stores are weakly ordered: finish them here
-  return tie_quota;
-}
-
-// Sixteen 16-bit lane masks (all ones or zero) as 16 bits, in element order.
-__attribute__((target("avx2"))) inline unsigned bits_of_lanes(__m256i m) {
-  const unsigned b = static_cast<unsigned>(_mm256_movemask_epi8(_mm256_packs_epi16(m, _mm256_setzero_si256())));
-  return (b & 0xffu) | ((b >> 8) & 0xff00u);
-}
-
-// The same for float16 and bfloat16: sixteen |x| keys (raw & 0x7fff, which order like |x|)
-// per compare against the threshold's key.
-template <class D, bool kAllTies, class M>
-__attribute__((target("avx2,popcnt"))) int64_t select_token16_avx2(const uint16_t* x, uint16_t* y, int64_t n,
-                                                                    int64_t first, uint16_t t_key, int64_t tie_quota,
-                                                                    bool stream, M& mover) {
-  constexpr int64_t kBlock = 128;  // elements between checks of the queue's room
-  static_assert(M::kBatch >= 2 * kBlock, "a block must fit in the queue");
-  const CompressTable& table = compress_table();
-  const __m256i key_mask = _mm256_set1_epi16(0x7fff), limit = _mm256_set1_epi16(static_cast<int16_t>(t_key));
-  const __m256i eight = _mm256_set1_epi32(8);
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const uint32_t channel0 = static_cast<uint32_t>(first - mover.base());
-  uint32_t* channels = mover.channels();
-  size_t queued = mover.size();
-  int64_t written = 0, j = 0;
-  const int64_t vectors_end = n & ~int64_t{15};
+  const int64_t vectors_end = n & ~(Lanes::kLanes - 1);
   while (j < vectors_end) {
     if (queued + kBlock > M::kBatch || j + kBlock - written > kStretch) {
       mover.set_size(queued);
@@ -493,29 +453,27 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token16_avx2(const uint16_
       written = j;
       queued = 0;
     }
+    // The channels of the first eight lanes at hand.
     __m256i index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(channel0 + j)), lanes);
-    for (const int64_t stop = std::min(j + kBlock, vectors_end); j < stop; j += 16) {
+    for (const int64_t stop = std::min(j + kBlock, vectors_end); j < stop; j += Lanes::kLanes) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j));
       if (!stream) _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j), v);
       const __m256i key = _mm256_and_si256(v, key_mask);
       unsigned keep;
       if (kAllTies) {  // every key == t_key in this share moves
-        keep = bits_of_lanes(_mm256_or_si256(_mm256_cmpgt_epi16(limit, key), _mm256_cmpeq_epi16(key, limit)));
+        keep = Lanes::bits(_mm256_or_si256(Lanes::less(key, limit), Lanes::equal(key, limit)));
       } else {
-        keep = bits_of_lanes(_mm256_cmpgt_epi16(limit, key));
-        if (unsigned ties = bits_of_lanes(_mm256_cmpeq_epi16(key, limit))) {
+        keep = Lanes::bits(Lanes::less(key, limit));
+        if (unsigned ties = Lanes::bits(Lanes::equal(key, limit))) {
           for (; ties && tie_quota > 0; ties &= ties - 1, --tie_quota) keep |= ties & (0u - ties);
         }
       }
-      const unsigned low = keep & 0xffu, high = keep >> 8;
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(channels + queued),
-                          _mm256_permutevar8x32_epi32(index, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[low]))));
-      queued += static_cast<size_t>(__builtin_popcount(low));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(channels + queued),
-                          _mm256_permutevar8x32_epi32(_mm256_add_epi32(index, eight),
-                                                      _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[high]))));
-      queued += static_cast<size_t>(__builtin_popcount(high));
-      index = _mm256_add_epi32(index, _mm256_set1_epi32(16));
+      for (int64_t eight = 0; eight < Lanes::kLanes; eight += 8, keep >>= 8, index = _mm256_add_epi32(index, _mm256_set1_epi32(8))) {
+        const unsigned part = keep & 0xffu;
+        const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[part]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(channels + queued), _mm256_permutevar8x32_epi32(index, perm));
+        queued += static_cast<size_t>(__builtin_popcount(part));
+      }
     }
   }
   for (; j < n; ++j) {
@@ -526,7 +484,7 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token16_avx2(const uint16_
       queued = 0;
     }
     if (!stream) y[j] = x[j];
-    const uint16_t key = x[j] & 0x7fffu;
+    const uint32_t key = x[j] & Lanes::kKeyMask;
     if (key < t_key || (key == t_key && (kAllTies || tie_quota > 0))) {
       if (!(key < t_key)) --tie_quota;
       channels[queued++] = channel0 + static_cast<uint32_t>(j);
@@ -534,7 +492,7 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token16_avx2(const uint16_
   }
   mover.set_size(queued);
   write_stretch<D>(x, y, written, n, channel0, stream, mover);
-  if (stream) _mm_sfence();
+  if (stream) _mm_sfence();  // non-temporal stores are weakly ordered: finish them here
   return tie_quota;
 }
 #endif
@@ -548,16 +506,9 @@ int64_t select_token(const typename D::Raw* x, typename D::Raw* y, int64_t n, in
                      int64_t tie_quota, bool all_ties, bool stream, Mover<D>& mover) {
 #if defined(__x86_64__) || defined(__i386__)
   if (use_avx2()) {
-    if constexpr (std::is_same<D, Float32>::value) {
-      const float* xf = reinterpret_cast<const float*>(x);
-      float* yf = reinterpret_cast<float*>(y);
-      return all_ties ? select_token_avx2<true>(xf, yf, n, first, t, tie_quota, stream, mover)
-                      : select_token_avx2<false>(xf, yf, n, first, t, tie_quota, stream, mover);
-    } else {
-      const uint16_t t_key = static_cast<uint16_t>(D::akey(D::raw_of(t)));  // t is one of the group's values
-      return all_ties ? select_token16_avx2<D, true>(x, y, n, first, t_key, tie_quota, stream, mover)
-                      : select_token16_avx2<D, false>(x, y, n, first, t_key, tie_quota, stream, mover);
-    }
+    const uint32_t t_key = D::akey(D::raw_of(t));  // t >= 0 is one of the group's values
+    return all_ties ? select_token_avx2<D, true>(x, y, n, first, t_key, tie_quota, stream, mover)
+                    : select_token_avx2<D, false>(x, y, n, first, t_key, tie_quota, stream, mover);
   }
 #endif
   (void)all_ties, (void)stream;
