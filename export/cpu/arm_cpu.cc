@@ -484,7 +484,7 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const typename 
       queued = 0;
     }
     if (!stream) y[j] = x[j];
-    const uint32_t key = x[j] & Lanes::kKeyMask;
+    const uint32_t key = D::akey(x[j]);
     if (key < t_key || (key == t_key && (kAllTies || tie_quota > 0))) {
       if (!(key < t_key)) --tie_quota;
       channels[queued++] = channel0 + static_cast<uint32_t>(j);
@@ -874,8 +874,9 @@ __attribute__((target("avx2"))) inline int64_t lane_sum(__m256i v) {
 
 // The counting pass over x[0, n), n <= kPieceMax: adds to c, and appends to out (room for
 // n + 8 values) the raw values inside any interval, in order. It counts as if every value
-// were finite and only notes (c->non_finite) when one is not: then the caller falls back. The intervals are whole bins
-// (keys >> 16), so sixteen elements are compared at a time on their keys' high halves, and
+// were finite and only notes (c->non_finite) when one is not: then the caller falls back.
+// The intervals are whole bins (keys >> 16), so sixteen elements are compared at a time on
+// their keys' high halves, and
 // each interval's two counts share one register of byte counters (emptied every 127 rounds)
 // so that all stay in registers. Every lane is stored and only kept lanes advance the end:
 // whether a lane is kept is a coin toss, and a branch on it would cost more.
@@ -999,18 +1000,24 @@ CountAndKeep count_and_keep_for(const IntervalSet& set) {
   return table[set.has_signed][set.n_abs - 1];
 }
 
+// The lanes of key in [lo, lo + span): key - lo < span as unsigned integers, compared signed
+// with the sign bits flipped. span_flipped: span ^ 0x80000000 in every lane.
+__attribute__((target("avx2"))) inline unsigned lanes_in_interval(__m256i key, __m256i lo, __m256i span_flipped) {
+  const __m256i flip = _mm256_set1_epi32(std::numeric_limits<int32_t>::min());
+  return static_cast<unsigned>(_mm256_movemask_ps(
+      _mm256_castsi256_ps(_mm256_cmpgt_epi32(span_flipped, _mm256_xor_si256(_mm256_sub_epi32(key, lo), flip)))));
+}
+
 // Appends to out (room for n + 8) the keys[j] (j < n) that lie in w, in order; returns how many.
 // out may be keys itself: the write end never passes the read end.
 __attribute__((target("avx2,popcnt"))) size_t keys_in_avx2(const uint32_t* keys, size_t n, KeyInterval w, uint32_t* out) {
   const CompressTable& table = compress_table();
-  const __m256i flip = _mm256_set1_epi32(std::numeric_limits<int32_t>::min()), lo = _mm256_set1_epi32(static_cast<int>(w.lo));
+  const __m256i lo = _mm256_set1_epi32(static_cast<int>(w.lo));
   const __m256i span = _mm256_set1_epi32(static_cast<int>((w.hi - w.lo) ^ 0x80000000u));
   size_t kept = 0, j = 0;
   for (; j + 8 <= n; j += 8) {
     const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j));
-    // key - lo < hi - lo, unsigned: flip the sign bits and compare signed.
-    const __m256i in = _mm256_cmpgt_epi32(span, _mm256_xor_si256(_mm256_sub_epi32(key, lo), flip));
-    const unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(in)));
+    const unsigned mask = lanes_in_interval(key, lo, span);
     const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept), _mm256_permutevar8x32_epi32(key, perm));
     kept += static_cast<size_t>(__builtin_popcount(mask));
@@ -1042,10 +1049,6 @@ __attribute__((target("avx2,popcnt"))) void split_by_interval_avx2(const uint32_
     return i < set.n_abs ? _mm256_and_si256(raw, _mm256_set1_epi32(0x7fffffff))
                          : _mm256_xor_si256(raw, _mm256_or_si256(_mm256_srai_epi32(raw, 31), flip));
   };
-  auto in_segment = [&](__m256i key, int i) __attribute__((target("avx2"))) {
-    return static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(
-        _mm256_cmpgt_epi32(span[i], _mm256_xor_si256(_mm256_sub_epi32(key, lo[i]), flip)))));
-  };
   auto scalar_key = [&](uint32_t raw, int i) { return i < set.n_abs ? raw & 0x7fffffffu : signed_key(float_of(raw)); };
   auto scalar_in = [&](uint32_t key, int i) { return (i < set.n_abs ? set.abs[i] : set.signed_keys).contains(key); };
   const size_t body = n & ~size_t{7};
@@ -1060,7 +1063,7 @@ __attribute__((target("avx2,popcnt"))) void split_by_interval_avx2(const uint32_
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j));
     for (int i = 0; i < segments; ++i) {
       const __m256i key = key_of(raw, i);
-      const unsigned mask = in_segment(key, i);
+      const unsigned mask = lanes_in_interval(key, lo[i], span[i]);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + fill[i]),
                           _mm256_permutevar8x32_epi32(key, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask]))));
       fill[i] += static_cast<size_t>(__builtin_popcount(mask));
@@ -1430,16 +1433,11 @@ class SampledStatistics {
   // The counting segment of an interval inside one, or the signed one.
   int segment_of(KeyInterval w, bool signed_keys) const { return signed_keys ? set_.n_abs : interval_of(w); }
 
-  // Per thread, its kept keys of a segment below `key` (and, with key2, below that).
-  std::vector<int64_t> below_key(int segment, uint32_t key, uint32_t key2 = 0, std::vector<int64_t>* below2 = nullptr) {
+  // Per thread, its kept keys of a segment below `key`.
+  std::vector<int64_t> below_key(int segment, uint32_t key) {
     const std::vector<KeySpan> spans = segment_spans(segment);
     std::vector<int64_t> below(threads_);
-    if (below2) below2->assign(threads_, 0);
-    run_threads(threads_, [&](int t) {
-      const int64_t n = static_cast<int64_t>(spans[t].n);
-      below[t] = count_below(spans[t].keys, n, key);
-      if (below2) (*below2)[t] = count_below(spans[t].keys, n, key2);
-    });
+    run_threads(threads_, [&](int t) { below[t] = count_below(spans[t].keys, static_cast<int64_t>(spans[t].n), key); });
     return below;
   }
   static int64_t sum(const std::vector<int64_t>& v) { return std::accumulate(v.begin(), v.end(), int64_t{0}); }
@@ -1512,8 +1510,7 @@ class SampledStatistics {
     const int it = interval_of(t_);
     if (!kth_in_segment(set_.abs[it], false, n - 1 - below_[it], &key)) return false;
     const uint32_t t_key = key;
-    std::vector<int64_t> to;  // per thread: keys at or below t_key
-    const std::vector<int64_t> under = below_key(it, t_key, t_key + 1, &to);
+    const std::vector<int64_t> under = below_key(it, t_key), to = below_key(it, t_key + 1);  // per thread
     const int64_t below_t = below_[it] + sum(under);
     // Qp.
     const PercentileRanks pr = percentile_ranks(at, N);
