@@ -825,7 +825,7 @@ void for_valid_ranges(const Problem& p, int64_t b, int64_t e, F&& f) {
 // the values inside the intervals as it goes. So a float32 group first draws a sample (runs
 // of contiguous elements spread over the group) and brackets every statistic by the sample's
 // quantiles, with a margin of about four standard errors. One pass over x then counts, per
-// interval, the valid elements below it, and keeps the values inside (about 8% of Gaussian
+// interval, the valid elements below it, and keeps the values inside (about 10% of Gaussian
 // values). A statistic is exact when its rank falls inside its interval, which those counts
 // tell. When one does not (a sample unlike the rest of the group), the histogram path runs
 // instead: the sample decides speed, never the result.
@@ -851,17 +851,52 @@ struct IntervalCounts {
   int64_t valid = 0;
   uint32_t largest_raw = 0;  // the largest raw bits: see count_and_keep_avx2
   bool non_finite = false;   // a NaN or Inf was seen: the counts do not hold (see count_and_keep_avx2)
-  int64_t inside[kMaxIntervals + 1] = {};  // valid elements in each interval, the signed one last
   size_t kept = 0;
-  size_t segment_start[kMaxIntervals + 1] = {};  // of split_by_interval
+  // Of split_by_interval: where each interval's kept keys start, and how many (the signed one last).
+  size_t segment_start[kMaxIntervals + 1] = {};
+  int64_t inside[kMaxIntervals + 1] = {};
 };
 
+// The counting pass compares one byte per element for the |x| intervals: the high half h of
+// the |x| key as (h - byte_base) >> byte_shift, saturated to [0, 255]. fit_to_byte_keys
+// widens the intervals to whole steps of that grid (a few more values kept), so that the
+// bytes tell exactly which interval a value lies in.
 struct IntervalSet {
   KeyInterval abs[kMaxIntervals];
   int n_abs = 0;
   bool has_signed = false;
   KeyInterval signed_keys{0, 0};
+  int byte_base = 0, byte_shift = 0;
+  uint8_t byte_lo[kMaxIntervals] = {}, byte_hi[kMaxIntervals] = {};  // abs[i] is bytes [lo, hi)
 };
+
+// The |x| intervals (ascending, disjoint, whole bins) on the coarsest byte grid that spans
+// them all: byte 0 lies below the first, byte 255 above the last (NaN and Inf saturate there).
+void fit_to_byte_keys(IntervalSet& set) {
+  const int lo = static_cast<int>(set.abs[0].lo >> 16), hi = static_cast<int>(set.abs[set.n_abs - 1].hi >> 16);
+  int shift = 0;
+  while ((((hi - lo) + (1 << shift) - 1) >> shift) + 1 > 254) ++shift;
+  const int base = lo - (1 << shift);
+  IntervalSet fitted = set;
+  fitted.n_abs = 0;
+  for (int i = 0; i < set.n_abs; ++i) {
+    const int b_lo = (static_cast<int>(set.abs[i].lo >> 16) - base) >> shift;
+    const int b_hi = ((static_cast<int>(set.abs[i].hi >> 16) - base) + (1 << shift) - 1) >> shift;
+    const uint32_t key_hi = std::min(static_cast<uint32_t>(base + (b_hi << shift)) << 16, kFiniteKeys);
+    if (fitted.n_abs > 0 && fitted.byte_hi[fitted.n_abs - 1] >= b_lo) {  // widened into the one before
+      fitted.abs[fitted.n_abs - 1].hi = key_hi;
+      fitted.byte_hi[fitted.n_abs - 1] = static_cast<uint8_t>(b_hi);
+      continue;
+    }
+    fitted.abs[fitted.n_abs] = {static_cast<uint32_t>(base + (b_lo << shift)) << 16, key_hi};
+    fitted.byte_lo[fitted.n_abs] = static_cast<uint8_t>(b_lo);
+    fitted.byte_hi[fitted.n_abs] = static_cast<uint8_t>(b_hi);
+    ++fitted.n_abs;
+  }
+  fitted.byte_base = base;
+  fitted.byte_shift = shift;
+  set = fitted;
+}
 
 #if defined(__x86_64__) || defined(__i386__)
 __attribute__((target("avx2"))) inline int64_t lane_sum(__m256i v) {
@@ -872,93 +907,109 @@ __attribute__((target("avx2"))) inline int64_t lane_sum(__m256i v) {
   return sum;
 }
 
+// How the counting pass compares the signed interval: not at all, on the raw high halves (when
+// it lies at or above +0: every negative value is then below it), or on signed keys.
+enum class SignedCompare { kNone, kRaw, kKey };
+
 // The counting pass over x[0, n), n <= kPieceMax: adds to c, and appends to out (room for
-// n + 8 values) the raw values inside any interval, in order. It counts as if every value
+// n + 32 values) the raw values inside any interval, in order. It counts as if every value
 // were finite and only notes (c->non_finite) when one is not: then the caller falls back.
-// The intervals are whole bins (keys >> 16), so sixteen elements are compared at a time on
-// their keys' high halves, and
-// each interval's two counts share one register of byte counters (emptied every 127 rounds)
-// so that all stay in registers. Every lane is stored and only kept lanes advance the end:
-// whether a lane is kept is a coin toss, and a branch on it would cost more.
-constexpr int64_t kPieceMax = 1 << 16;  // 16-bit lane counters hold a piece's counts
-template <int kAbs, bool kSigned>
-__attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* x, int64_t n, const IntervalSet& set,
-                                                                 IntervalCounts* c, uint32_t* out) {
-  constexpr int kSegments = kAbs + (kSigned ? 1 : 0);
+// Thirty-two elements at a time: the |x| intervals are compared on byte keys (see
+// IntervalSet), the signed one on 16-bit high halves; each interval's count of elements at or
+// above it sits in a register of byte counters, emptied every 255 rounds. Every lane is
+// stored and only kept lanes advance the end: whether a lane is kept is a coin toss, and a
+// branch on it would cost more.
+constexpr int64_t kPieceMax = 1 << 16;  // elements per call: the caller grows out between calls
+template <int kAbs, SignedCompare kSigned>
+__attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* x, int64_t n,
+                                                                      const IntervalSet& set, IntervalCounts* c,
+                                                                      uint32_t* out) {
+  constexpr bool kHasSigned = kSigned != SignedCompare::kNone;
+  constexpr int kSegments = kAbs + (kHasSigned ? 1 : 0);
   const CompressTable& table = compress_table();
-  const __m256i abs_high = _mm256_set1_epi16(0x7fff);
-  const __m256i zero = _mm256_setzero_si256();
-  // A high half h lies at or above a bin b when h > b - 1 (int16 compares). The bounds stay
-  // in memory, as operands of the compares: registers are for the counters.
+  const __m256i abs_high = _mm256_set1_epi16(0x7fff), zero = _mm256_setzero_si256();
+  const __m256i flip_bytes = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i byte_base = _mm256_set1_epi16(static_cast<int16_t>(set.byte_base));
+  const __m128i byte_shift = _mm_cvtsi32_si128(set.byte_shift);
+  const __m256i element_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  // A key k lies at or above a bound b when k > b - 1: bytes compared as int8 with their top
+  // bits flipped, high halves as int16. The bounds stay in memory, as operands of the
+  // compares: registers are for the counters.
   __m256i lo_m1[kSegments], hi_m1[kSegments];
   for (int i = 0; i < kAbs; ++i) {
-    lo_m1[i] = _mm256_set1_epi16(static_cast<int16_t>((set.abs[i].lo >> 16) - 1));
-    hi_m1[i] = _mm256_set1_epi16(static_cast<int16_t>((set.abs[i].hi >> 16) - 1));
+    lo_m1[i] = _mm256_set1_epi8(static_cast<char>((set.byte_lo[i] - 1) ^ 0x80));
+    hi_m1[i] = _mm256_set1_epi8(static_cast<char>((set.byte_hi[i] - 1) ^ 0x80));
   }
-  if (kSigned) {  // signed_order(key) >> 16 fits int16
+  if (kHasSigned) {  // signed_order(key) >> 16 fits int16
     lo_m1[kAbs] = _mm256_set1_epi16(static_cast<int16_t>((signed_order(set.signed_keys.lo) >> 16) - 1));
     hi_m1[kAbs] = _mm256_set1_epi16(static_cast<int16_t>((signed_order(set.signed_keys.hi) >> 16) - 1));
   }
-  int64_t ge_total[kSegments] = {}, in_total[kSegments] = {};
+  int64_t ge_total[kSegments] = {};
   __m256i largest_high = zero, largest_raw = zero;
   size_t kept = c->kept;
   int64_t j = 0;
-  while (j + 16 <= n) {
-    // Byte counters per interval: bytes 0-7 and 16-23 count elements at or above lo, the rest
-    // those inside.
-    __m256i counts[kSegments];
+  while (j + 32 <= n) {
+    __m256i counts[kSegments];  // byte counters of elements at or above each interval
     for (auto& v : counts) v = zero;
-    for (const int64_t stop = j + std::min<int64_t>(127 * 16, (n - j) & ~int64_t{15}); j < stop; j += 16) {
+    for (const int64_t stop = j + std::min<int64_t>(255 * 32, (n - j) & ~int64_t{31}); j < stop; j += 32) {
       const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j));
       const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 8));
-      // High halves of the raw bits and of the |x| keys, 16 lanes in the order v0[0..3],
-      // v1[0..3], v0[4..7], v1[4..7].
-      const __m256i raw = _mm256_packs_epi32(_mm256_srai_epi32(v0, 16), _mm256_srai_epi32(v1, 16));
-      const __m256i h = _mm256_and_si256(raw, abs_high);
-      largest_high = _mm256_max_epu16(largest_high, h);  // NaN and Inf lie above every finite |x|
-      __m256i in = zero;
-      for (int i = 0; i < kAbs; ++i) {  // non-finite keys lie above every interval
-        const __m256i ge = _mm256_cmpgt_epi16(h, lo_m1[i]);
-        const __m256i inside = _mm256_andnot_si256(_mm256_cmpgt_epi16(h, hi_m1[i]), ge);
-        counts[i] = _mm256_sub_epi8(counts[i], _mm256_packs_epi16(ge, inside));
-        in = _mm256_or_si256(in, inside);
-      }
+      const __m256i v2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 16));
+      const __m256i v3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 24));
+      // Raw high halves, 16 lanes each: v0[0..3], v1[0..3], v0[4..7], v1[4..7] (and v2, v3).
+      const __m256i raw01 = _mm256_packs_epi32(_mm256_srai_epi32(v0, 16), _mm256_srai_epi32(v1, 16));
+      const __m256i raw23 = _mm256_packs_epi32(_mm256_srai_epi32(v2, 16), _mm256_srai_epi32(v3, 16));
+      const __m256i h01 = _mm256_and_si256(raw01, abs_high), h23 = _mm256_and_si256(raw23, abs_high);
+      // NaN and Inf lie above every finite |x|.
+      largest_high = _mm256_max_epu16(largest_high, _mm256_max_epu16(h01, h23));
       // As unsigned integers negative values lie above positive ones, ordered by |x|: the
       // largest raw bits are those of the negative value of largest |x|, if there is one
       // (the spec's Mneg, used only then).
-      largest_raw = _mm256_max_epu32(largest_raw, _mm256_max_epu32(v0, v1));
-      if (kSigned) {  // signed_order >> 16 is h for positive values, -1 - h for negative ones
-        const __m256i sh = _mm256_xor_si256(raw, _mm256_srli_epi16(_mm256_srai_epi16(raw, 15), 1));
-        const __m256i ge = _mm256_cmpgt_epi16(sh, lo_m1[kAbs]);
-        const __m256i inside = _mm256_andnot_si256(_mm256_cmpgt_epi16(sh, hi_m1[kAbs]), ge);
-        counts[kAbs] = _mm256_sub_epi8(counts[kAbs], _mm256_packs_epi16(ge, inside));
-        in = _mm256_or_si256(in, inside);
+      largest_raw = _mm256_max_epu32(largest_raw, _mm256_max_epu32(_mm256_max_epu32(v0, v1), _mm256_max_epu32(v2, v3)));
+      // Byte keys: per 128-bit half, four lanes of each of v0, v1 (from h01), v2, v3 (from h23).
+      const __m256i bytes = _mm256_xor_si256(
+          _mm256_packus_epi16(_mm256_sra_epi16(_mm256_subs_epi16(h01, byte_base), byte_shift),
+                              _mm256_sra_epi16(_mm256_subs_epi16(h23, byte_base), byte_shift)),
+          flip_bytes);
+      __m256i in = zero;
+      for (int i = 0; i < kAbs; ++i) {  // non-finite keys lie above every interval
+        const __m256i ge = _mm256_cmpgt_epi8(bytes, lo_m1[i]);
+        in = _mm256_or_si256(in, _mm256_andnot_si256(_mm256_cmpgt_epi8(bytes, hi_m1[i]), ge));
+        counts[i] = _mm256_sub_epi8(counts[i], ge);
       }
-      // Back to 32-bit lanes: the low words of each 128-bit half are v0's, the high words v1's.
-      const unsigned mask0 =
-          static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(in, in))));
-      const unsigned mask1 =
-          static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(in, in))));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept),
-                          _mm256_permutevar8x32_epi32(
-                              v0, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask0]))));
-      kept += static_cast<size_t>(__builtin_popcount(mask0));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept),
-                          _mm256_permutevar8x32_epi32(
-                              v1, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask1]))));
-      kept += static_cast<size_t>(__builtin_popcount(mask1));
+      if (kHasSigned) {
+        __m256i s01 = raw01, s23 = raw23;
+        if (kSigned == SignedCompare::kKey) {  // signed_order >> 16: h for positive values, -1 - h for negative ones
+          s01 = _mm256_xor_si256(raw01, _mm256_srli_epi16(_mm256_srai_epi16(raw01, 15), 1));
+          s23 = _mm256_xor_si256(raw23, _mm256_srli_epi16(_mm256_srai_epi16(raw23, 15), 1));
+        }
+        const __m256i ge01 = _mm256_cmpgt_epi16(s01, lo_m1[kAbs]), ge23 = _mm256_cmpgt_epi16(s23, lo_m1[kAbs]);
+        const __m256i in01 = _mm256_andnot_si256(_mm256_cmpgt_epi16(s01, hi_m1[kAbs]), ge01);
+        const __m256i in23 = _mm256_andnot_si256(_mm256_cmpgt_epi16(s23, hi_m1[kAbs]), ge23);
+        counts[kAbs] = _mm256_sub_epi8(counts[kAbs], _mm256_packs_epi16(ge01, ge23));
+        in = _mm256_or_si256(in, _mm256_packs_epi16(in01, in23));
+      }
+      // Bytes back in element order (each 32-bit group of `in` is four lanes of one vector),
+      // so that mask byte q holds v[q]'s lanes.
+      const unsigned mask = static_cast<unsigned>(_mm256_movemask_epi8(_mm256_permutevar8x32_epi32(in, element_order)));
+      const __m256i v[4] = {v0, v1, v2, v3};
+      for (int q = 0; q < 4; ++q) {
+        const unsigned lanes = (mask >> (8 * q)) & 0xffu;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept),
+                            _mm256_permutevar8x32_epi32(
+                                v[q], _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[lanes]))));
+        kept += static_cast<size_t>(__builtin_popcount(lanes));
+      }
     }
     alignas(32) uint64_t sums[4];
     for (int i = 0; i < kSegments; ++i) {
       _mm256_store_si256(reinterpret_cast<__m256i*>(sums), _mm256_sad_epu8(counts[i], zero));
-      ge_total[i] += static_cast<int64_t>(sums[0] + sums[2]);
-      in_total[i] += static_cast<int64_t>(sums[1] + sums[3]);
+      ge_total[i] += static_cast<int64_t>(sums[0] + sums[1] + sums[2] + sums[3]);
     }
   }
   c->valid += j;
   for (int i = 0; i < kAbs; ++i) c->below[i] += j - ge_total[i];
-  if (kSigned) c->below_signed += j - ge_total[kAbs];
-  for (int i = 0; i < kSegments; ++i) c->inside[i] += in_total[i];
+  if (kHasSigned) c->below_signed += j - ge_total[kAbs];
   alignas(32) uint32_t lanes[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), largest_raw);
   for (uint32_t l : lanes) c->largest_raw = std::max(c->largest_raw, l);
@@ -972,16 +1023,14 @@ __attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* 
       continue;
     }
     ++c->valid;
-    const uint32_t skey = signed_key(float_of(x[j]));
     bool in = false;
     for (int i = 0; i < kAbs; ++i) {
       c->below[i] += a < set.abs[i].lo;
-      c->inside[i] += set.abs[i].contains(a);
       in |= set.abs[i].contains(a);
     }
-    if (kSigned) {
+    if (kHasSigned) {
+      const uint32_t skey = signed_key(float_of(x[j]));
       c->below_signed += skey < set.signed_keys.lo;
-      c->inside[kAbs] += set.signed_keys.contains(skey);
       in |= set.signed_keys.contains(skey);
     }
     out[kept] = x[j];
@@ -992,12 +1041,16 @@ __attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* 
 
 using CountAndKeep = void (*)(const uint32_t*, int64_t, const IntervalSet&, IntervalCounts*, uint32_t*);
 CountAndKeep count_and_keep_for(const IntervalSet& set) {
-  static const CountAndKeep table[2][kMaxIntervals] = {
-      {count_and_keep_avx2<1, false>, count_and_keep_avx2<2, false>, count_and_keep_avx2<3, false>,
-       count_and_keep_avx2<4, false>, count_and_keep_avx2<5, false>, count_and_keep_avx2<6, false>},
-      {count_and_keep_avx2<1, true>, count_and_keep_avx2<2, true>, count_and_keep_avx2<3, true>,
-       count_and_keep_avx2<4, true>, count_and_keep_avx2<5, true>, count_and_keep_avx2<6, true>}};
-  return table[set.has_signed][set.n_abs - 1];
+  using S = SignedCompare;
+  static const CountAndKeep table[3][kMaxIntervals] = {
+      {count_and_keep_avx2<1, S::kNone>, count_and_keep_avx2<2, S::kNone>, count_and_keep_avx2<3, S::kNone>,
+       count_and_keep_avx2<4, S::kNone>, count_and_keep_avx2<5, S::kNone>, count_and_keep_avx2<6, S::kNone>},
+      {count_and_keep_avx2<1, S::kRaw>, count_and_keep_avx2<2, S::kRaw>, count_and_keep_avx2<3, S::kRaw>,
+       count_and_keep_avx2<4, S::kRaw>, count_and_keep_avx2<5, S::kRaw>, count_and_keep_avx2<6, S::kRaw>},
+      {count_and_keep_avx2<1, S::kKey>, count_and_keep_avx2<2, S::kKey>, count_and_keep_avx2<3, S::kKey>,
+       count_and_keep_avx2<4, S::kKey>, count_and_keep_avx2<5, S::kKey>, count_and_keep_avx2<6, S::kKey>}};
+  const int compare = !set.has_signed ? 0 : signed_order(set.signed_keys.lo) >= 0 ? 1 : 2;
+  return table[compare][set.n_abs - 1];
 }
 
 // The lanes of key in [lo, lo + span): key - lo < span as unsigned integers, compared signed
@@ -1031,11 +1084,11 @@ __attribute__((target("avx2,popcnt"))) size_t keys_in_avx2(const uint32_t* keys,
 
 // Splits the kept raw values v[0, n) by interval, as keys: segment i < set.n_abs holds the
 // |x| keys in set.abs[i], the last (with set.has_signed) the signed keys in set.signed_keys.
-// Segment i is out[start[i], start[i] + count[i]), count from the counting pass; 8 spare
-// slots follow each.
+// Segment i comes out as out[start[i], start[i] + count[i]), with room for all n keys and 8
+// spare slots: the split counts as it goes.
 __attribute__((target("avx2,popcnt"))) void split_by_interval_avx2(const uint32_t* v, size_t n, const IntervalSet& set,
-                                                                   const int64_t* count, std::vector<uint32_t>* out,
-                                                                   size_t* start) {
+                                                                   std::vector<uint32_t>* out, size_t* start,
+                                                                   int64_t* count) {
   const CompressTable& table = compress_table();
   const int segments = set.n_abs + (set.has_signed ? 1 : 0);
   const __m256i flip = _mm256_set1_epi32(std::numeric_limits<int32_t>::min());
@@ -1052,10 +1105,8 @@ __attribute__((target("avx2,popcnt"))) void split_by_interval_avx2(const uint32_
   auto scalar_key = [&](uint32_t raw, int i) { return i < set.n_abs ? raw & 0x7fffffffu : signed_key(float_of(raw)); };
   auto scalar_in = [&](uint32_t key, int i) { return (i < set.n_abs ? set.abs[i] : set.signed_keys).contains(key); };
   const size_t body = n & ~size_t{7};
-  start[0] = 0;
-  for (int i = 1; i < segments; ++i) start[i] = start[i - 1] + static_cast<size_t>(count[i - 1]) + 8;
-  const size_t room = start[segments - 1] + n + 8;  // no write leaves the buffer, counts right or not
-  if (out->size() < room) out->resize(room);
+  for (int i = 0; i < segments; ++i) start[i] = i * (n + 8);  // room for all n in each
+  if (out->size() < segments * (n + 8)) out->resize(segments * (n + 8));
   size_t fill[kMaxIntervals + 1];
   for (int i = 0; i < segments; ++i) fill[i] = start[i];
   uint32_t* o = out->data();
@@ -1075,8 +1126,7 @@ __attribute__((target("avx2,popcnt"))) void split_by_interval_avx2(const uint32_
       o[fill[i]] = key;
       fill[i] += scalar_in(key, i);
     }
-  for (int i = 0; i < segments; ++i)
-    if (fill[i] != start[i] + static_cast<size_t>(count[i])) throw std::logic_error("ARM interval counts disagree");
+  for (int i = 0; i < segments; ++i) count[i] = static_cast<int64_t>(fill[i] - start[i]);
 }
 #endif
 
@@ -1380,6 +1430,7 @@ class SampledStatistics {
       else
         set_.abs[set_.n_abs++] = w;
     }
+    fit_to_byte_keys(set_);
     return true;
   }
 
@@ -1396,11 +1447,11 @@ class SampledStatistics {
       for_valid_ranges(p_, b, e, [&](int64_t lo, int64_t hi) {
         for (int64_t at = lo; at < hi; at += kPieceMax) {
           const int64_t n = std::min(kPieceMax, hi - at);
-          if (out.size() < c.kept + n + 8) out.resize(std::max(2 * out.size(), c.kept + n + 8));
+          if (out.size() < c.kept + n + 32) out.resize(std::max(2 * out.size(), c.kept + n + 32));
           count_and_keep(x_ + at, n, set_, &c, out.data());
         }
       });
-      split_by_interval_avx2(out.data(), c.kept, set_, c.inside, &ws_.parts[t], c.segment_start);
+      split_by_interval_avx2(out.data(), c.kept, set_, &ws_.parts[t], c.segment_start, c.inside);
     });
     for (const IntervalCounts& c : counts_) {
       if (c.non_finite) return false;
