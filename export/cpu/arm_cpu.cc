@@ -23,6 +23,7 @@
 // the share and percentile in double, exactly in the spec's evaluation order.
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -347,8 +348,19 @@ struct Stats {
   int64_t n_valid = 0;
   float threshold = 0;       // t: the rank n-1 value of a
   int64_t tie_quota = 0;     // elements with a == t still to take (in flat order)
+  int64_t ties = 0;          // valid elements with a == t (large groups)
   float q_p = 0, m_neg = 0;  // targets for positive and negative elements
 };
+
+// Thread shares of the ties, in the order of their chunks: the earliest take theirs first.
+std::vector<TieShare> tie_shares(const std::vector<int64_t>& ties, int64_t quota) {
+  std::vector<TieShare> shares(ties.size());
+  for (size_t t = 0; t < ties.size(); ++t) {
+    shares[t] = {std::min(ties[t], quota), ties[t]};
+    quota -= shares[t].take;
+  }
+  return shares;
+}
 
 #if defined(__x86_64__) || defined(__i386__)
 // For each 8-bit mask, the lanes it keeps, packed to the front: vector code compacts with it.
@@ -440,6 +452,7 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const typename 
   static_assert(M::kBatch >= 2 * kBlock, "a block must fit in the queue");
   const CompressTable& table = compress_table();
   const __m256i key_mask = Lanes::splat(Lanes::kKeyMask), limit = Lanes::splat(t_key);
+  const __m256i limit_after = Lanes::splat(t_key + 1);  // key < t_key + 1: key <= t_key (t is finite)
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const uint32_t channel0 = static_cast<uint32_t>(first - mover.base());
   uint32_t* channels = mover.channels();
@@ -461,7 +474,7 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const typename 
       const __m256i key = _mm256_and_si256(v, key_mask);
       unsigned keep;
       if (kAllTies) {  // every key == t_key in this share moves
-        keep = Lanes::bits(_mm256_or_si256(Lanes::less(key, limit), Lanes::equal(key, limit)));
+        keep = Lanes::bits(Lanes::less(key, limit_after));
       } else {
         keep = Lanes::bits(Lanes::less(key, limit));
         if (unsigned ties = Lanes::bits(Lanes::equal(key, limit))) {
@@ -540,9 +553,10 @@ int64_t select_token(const typename D::Raw* x, typename D::Raw* y, int64_t n, in
 }
 
 // Copies flat elements [begin, end) to y and moves the selected ones: a < t, then the first
-// tie_quota elements with a == t in flat order. With n_valid == 0 it only copies.
+// tie_quota elements with a == t in flat order. With n_valid == 0 it only copies. stream:
+// write y around the cache (non-temporal stores).
 template <class D>
-void select_and_move(const Problem& p, int64_t begin, int64_t end, const Stats& st, TieShare ties) {
+void select_and_move(const Problem& p, int64_t begin, int64_t end, const Stats& st, TieShare ties, bool stream) {
   int64_t tie_quota = ties.take;
   const bool all_ties = ties.take == ties.present;
   using Raw = typename D::Raw;
@@ -553,8 +567,6 @@ void select_and_move(const Problem& p, int64_t begin, int64_t end, const Stats& 
   }
   const float t = st.threshold;
   Mover<D> mover(p, st.q_p, st.m_neg);
-  // Past a few MiB per thread the output will not stay in cache: write it around the cache.
-  const bool stream = (end - begin) * static_cast<int64_t>(sizeof(Raw)) >= (int64_t{8} << 20);
   for (int64_t token = begin / p.I; token * p.I < end; ++token) {
     const int64_t first = std::max(begin, token * p.I), stop = std::min(end, (token + 1) * p.I);
     Raw* y = static_cast<Raw*>(p.y) + first;
@@ -615,6 +627,15 @@ void run_threads(int threads, F&& body) {
 #endif
   for (const auto& e : errors)
     if (e) std::rethrow_exception(e);
+}
+
+// f(lo, hi) for the blocks of [.., end) that this thread takes from `next`, a block of
+// `block` elements at a time, until none is left. The threads of a pass share one `next`:
+// a core slowed by other work (a noisy neighbour, an efficiency core) takes fewer blocks
+// instead of holding the others up at the end of the pass.
+template <class F>
+void take_blocks(std::atomic<int64_t>& next, int64_t end, int64_t block, F&& f) {
+  for (int64_t lo = next.fetch_add(block); lo < end; lo = next.fetch_add(block)) f(lo, std::min(end, lo + block));
 }
 
 // ---- small groups: keys bucketed once per array, ranks selected within buckets ------------
@@ -691,7 +712,7 @@ void small_group(const Problem& p, int64_t begin, int64_t end, Scratch& s) {
     }
   }
   const int64_t N = static_cast<int64_t>(s.vals.size());
-  if (N == 0) return select_and_move<D>(p, begin, end, Stats{}, TieShare{});
+  if (N == 0) return select_and_move<D>(p, begin, end, Stats{}, TieShare{}, false);
   const int64_t rank = (N - 1) / 2;
   s.akeys.resize(N);
   s.keys.resize(N);
@@ -724,7 +745,7 @@ void small_group(const Problem& p, int64_t begin, int64_t end, Scratch& s) {
     v_hi = from_signed_key(signed_ranks.at(pr.hi_index));
   }
   st.q_p = interpolate(pr, v_lo, v_hi);
-  select_and_move<D>(p, begin, end, st, TieShare{st.tie_quota});
+  select_and_move<D>(p, begin, end, st, TieShare{st.tie_quota}, false);
 }
 
 constexpr int kMaxRanges = 8;  // of the vector range test below
@@ -919,7 +940,7 @@ enum class SignedCompare { kNone, kRaw, kKey };
 // above it sits in a register of byte counters, emptied every 255 rounds. Every lane is
 // stored and only kept lanes advance the end: whether a lane is kept is a coin toss, and a
 // branch on it would cost more.
-constexpr int64_t kPieceMax = 1 << 16;  // elements per call: the caller grows out between calls
+constexpr int64_t kPieceMax = 1 << 16;  // elements per call (a block of the pass): out grows between calls
 template <int kAbs, SignedCompare kSigned>
 __attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* x, int64_t n,
                                                                       const IntervalSet& set, IntervalCounts* c,
@@ -1256,9 +1277,9 @@ class SampledStatistics {
   SampledStatistics(const Problem& p, int64_t begin, int64_t end, int threads, SampledWorkspace& ws)
       : p_(p), x_(static_cast<const uint32_t*>(p.x)), begin_(begin), end_(end), threads_(threads), ws_(ws) {}
 
-  bool run(Stats* st, std::vector<TieShare>* quota) {
+  bool run(Stats* st) {
     if (!use_avx2() || !sampling_enabled() || end_ - begin_ < kMinSampledGroup) return false;
-    return draw_sample() && bracket() && count() && resolve(st, quota);
+    return draw_sample() && bracket() && count() && resolve(st);
   }
 
  private:
@@ -1434,22 +1455,21 @@ class SampledStatistics {
     return true;
   }
 
-  // The pass over x, split across threads as the selection pass will be.
+  // The pass over x, in blocks that the threads take as they go: each thread's counts and
+  // kept values are of the blocks it took, in no particular order (no statistic needs one).
   bool count() {
     const CountAndKeep count_and_keep = count_and_keep_for(set_);
     counts_.assign(threads_, IntervalCounts{});
     if (ws_.kept.size() < static_cast<size_t>(threads_)) ws_.kept.resize(threads_), ws_.parts.resize(threads_);
+    std::atomic<int64_t> next{begin_};
     run_threads(threads_, [&](int t) {
-      int64_t b, e;
-      thread_chunk(begin_, end_, threads_, t, &b, &e);
       std::vector<uint32_t>& out = ws_.kept[t];
       IntervalCounts& c = counts_[t];
-      for_valid_ranges(p_, b, e, [&](int64_t lo, int64_t hi) {
-        for (int64_t at = lo; at < hi; at += kPieceMax) {
-          const int64_t n = std::min(kPieceMax, hi - at);
-          if (out.size() < c.kept + n + 32) out.resize(std::max(2 * out.size(), c.kept + n + 32));
-          count_and_keep(x_ + at, n, set_, &c, out.data());
-        }
+      take_blocks(next, end_, kPieceMax, [&](int64_t b, int64_t e) {
+        for_valid_ranges(p_, b, e, [&](int64_t lo, int64_t hi) {
+          if (out.size() < c.kept + (hi - lo) + 32) out.resize(std::max(2 * out.size(), c.kept + (hi - lo) + 32));
+          count_and_keep(x_ + lo, hi - lo, set_, &c, out.data());
+        });
       });
       split_by_interval_avx2(out.data(), c.kept, set_, &ws_.parts[t], c.segment_start, c.inside);
     });
@@ -1538,7 +1558,7 @@ class SampledStatistics {
     return kth_across(segment_spans(segment_of(w, signed_keys)), w, k, key);
   }
 
-  bool resolve(Stats* st, std::vector<TieShare>* quota) {
+  bool resolve(Stats* st) {
     const armq_attrs& at = p_.attrs;
     const int64_t N = n_valid_, rank = (N - 1) / 2;
     const int im = interval_of(m_);
@@ -1561,8 +1581,8 @@ class SampledStatistics {
     const int it = interval_of(t_);
     if (!kth_in_segment(set_.abs[it], false, n - 1 - below_[it], &key)) return false;
     const uint32_t t_key = key;
-    const std::vector<int64_t> under = below_key(it, t_key), to = below_key(it, t_key + 1);  // per thread
-    const int64_t below_t = below_[it] + sum(under);
+    const int64_t below_t = below_[it] + sum(below_key(it, t_key));
+    const int64_t ties = below_[it] + sum(below_key(it, t_key + 1)) - below_t;
     // Qp.
     const PercentileRanks pr = percentile_ranks(at, N);
     float v[2];
@@ -1586,15 +1606,9 @@ class SampledStatistics {
     st->n_valid = N;
     st->threshold = float_of(t_key);
     st->tie_quota = n - below_t;
+    st->ties = ties;
     st->q_p = interpolate(pr, v[0], v[1]);
     st->m_neg = float_of(max_negative);
-    // Ties are taken in flat order: the earliest chunks take theirs first.
-    int64_t left = st->tie_quota;
-    for (int t = 0; t < threads_; ++t) {
-      const int64_t ties = to[t] - under[t];
-      (*quota)[t] = {std::min(ties, left), ties};
-      left -= (*quota)[t].take;
-    }
     return true;
   }
 
@@ -1683,12 +1697,11 @@ class SampledStatistics {
 #endif
 
 // The statistics of a large float32 group from a sample, where that works (see above).
-bool sampled_statistics(const Problem& p, int64_t begin, int64_t end, int threads, SampledWorkspace& ws, Stats* st,
-                        std::vector<TieShare>* quota) {
+bool sampled_statistics(const Problem& p, int64_t begin, int64_t end, int threads, SampledWorkspace& ws, Stats* st) {
 #if defined(__x86_64__) || defined(__i386__)
-  return SampledStatistics(p, begin, end, threads, ws).run(st, quota);
+  return SampledStatistics(p, begin, end, threads, ws).run(st);
 #else
-  (void)p, (void)begin, (void)end, (void)threads, (void)ws, (void)st, (void)quota;
+  (void)p, (void)begin, (void)end, (void)threads, (void)ws, (void)st;
   return false;
 #endif
 }
@@ -1696,6 +1709,7 @@ bool sampled_statistics(const Problem& p, int64_t begin, int64_t end, int thread
 // ---- large groups: one histogram, the exact values of a few bins, one selection pass ------
 
 constexpr int kRawBins = 65536;  // bins of the raw high 16 bits: sign, exponent, top mantissa
+constexpr int64_t kSelectBlock = 1 << 15;  // elements per block of the selection pass
 
 struct LargeGroupDBin {  // a |x| bin and bounds on its d = |a - m|
   uint32_t a;
@@ -1735,24 +1749,35 @@ class LargeGroup {
 
   void run() {
     Stats st;
-    std::vector<TieShare> quota(threads_);
     bool sampled = false;
-    if constexpr (std::is_same<D, Float32>::value)
-      sampled = sampled_statistics(p_, begin_, end_, threads_, ws_.sampled, &st, &quota);
+    if constexpr (std::is_same<D, Float32>::value) sampled = sampled_statistics(p_, begin_, end_, threads_, ws_.sampled, &st);
     if (!sampled) {
       histogram();
       if (n_valid_ > 0) {
         std::vector<uint32_t> need;
-        while (!resolve(&st, &quota, &need)) {
+        while (!resolve(&st, &need)) {
           collect(need);
           need.clear();
         }
       }
     }
+    // Past a few MiB per thread the output will not stay in cache: write it around the cache.
+    const bool stream = (end_ - begin_) / threads_ * static_cast<int64_t>(sizeof(Raw)) >= (int64_t{8} << 20);
+    if (st.tie_quota == st.ties) {  // every a <= t moves: blocks in any order, taken as threads come free
+      std::atomic<int64_t> next{begin_};
+      const TieShare all{std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::max()};
+      run_threads(threads_, [&](int) {
+        take_blocks(next, end_, kSelectBlock, [&](int64_t b, int64_t e) { select_and_move<D>(p_, b, e, st, all, stream); });
+      });
+      return;
+    }
+    // Only the first tie_quota ties in flat order move: each thread's chunk takes its share.
+    const std::vector<TieShare> quota =
+        tie_shares(sampled ? count_ties(st.threshold) : ties_per_thread(st.threshold), st.tie_quota);
     run_threads(threads_, [&](int t) {
       int64_t b, e;
       chunk(t, &b, &e);
-      select_and_move<D>(p_, b, e, st, quota[t]);
+      select_and_move<D>(p_, b, e, st, quota[t], stream);
     });
   }
 
@@ -1823,9 +1848,9 @@ class LargeGroup {
   }
 
   // Every statistic of the spec, as far as the histogram and the gathered bins pin it down.
-  // Returns true with st and per-thread tie quotas filled once all are exact; else adds to
-  // need the raw bins whose values would narrow them.
-  bool resolve(Stats* st, std::vector<TieShare>* quota, std::vector<uint32_t>* need) {
+  // Returns true with st filled once all are exact; else adds to need the raw bins whose
+  // values would narrow them.
+  bool resolve(Stats* st, std::vector<uint32_t>* need) {
     const armq_attrs& at = p_.attrs;
     const int64_t N = n_valid_, rank = (N - 1) / 2;
     const Range m = rank_abs(rank, rank, need);
@@ -1852,13 +1877,8 @@ class LargeGroup {
     int64_t below, unused;
     count_abs_below({t.lo, t.lo}, &below, &unused, need);
     st->tie_quota = n_lo - below;
-    // Ties are taken in flat order: the earliest chunks take theirs first.
     const std::vector<int64_t> ties = ties_per_thread(t.lo);
-    int64_t left = st->tie_quota;
-    for (size_t i = 0; i < ties.size(); ++i) {
-      (*quota)[i] = {std::min(ties[i], left), ties[i]};
-      left -= (*quota)[i].take;
-    }
+    st->ties = std::accumulate(ties.begin(), ties.end(), int64_t{0});
     return true;
   }
 
@@ -2074,6 +2094,21 @@ class LargeGroup {
   }
 
   // Per thread: the elements with |x| == t (t's bin is known exactly by now).
+  // The valid elements with a == t in each thread's chunk, counted in a pass over x (the
+  // sampled path kept no per-chunk counts).
+  std::vector<int64_t> count_ties(float t) {
+    const uint32_t akey = D::akey(D::raw_of(t));
+    std::vector<int64_t> ties(threads_, 0);
+    run_threads(threads_, [&](int i) {
+      int64_t b, e;
+      chunk(i, &b, &e);
+      for_valid_ranges(p_, b, e, [&](int64_t lo, int64_t hi) {
+        for (int64_t j = lo; j < hi; ++j) ties[i] += D::akey(x_[j]) == akey;
+      });
+    });
+    return ties;
+  }
+
   std::vector<int64_t> ties_per_thread(float t) {
     const uint32_t akey = D::akey(D::raw_of(t)), a = kPoint ? akey : akey >> 16;
     std::vector<int64_t> ties(threads_, 0);
