@@ -1299,20 +1299,23 @@ class SampledStatistics {
       return begin_ + j * stride + static_cast<int64_t>(scrambled % static_cast<uint64_t>(stride - kSampleRun + 1));
     };
     std::vector<uint32_t> lowest(T, kAbsBins), highest(T, 0);  // the |x| bins each thread touched
+    std::atomic<int64_t> next_run{0};
     run_threads(threads_, [&](int t) {
       uint32_t* hist = ws_.hist.data() + static_cast<size_t>(t) * kRawBins;
       uint32_t lo = kAbsBins, hi = 0;
-      for (int64_t j = kSampleRuns * t / threads_, last = kSampleRuns * (t + 1) / threads_; j < last; ++j) {
-        const int64_t b = run_start(j);
-        for_valid_ranges(p_, b, b + kSampleRun, [&](int64_t from, int64_t to) {
-          for (int64_t i = from; i < to; ++i) {
-            const uint32_t bin = x_[i] >> 16, h = bin & 0x7fffu;
-            ++hist[bin];
-            lo = std::min(lo, h);
-            hi = std::max(hi, h);
-          }
-        });
-      }
+      take_blocks(next_run, kSampleRuns, kSampleRuns / 32, [&](int64_t first, int64_t last) {
+        for (int64_t j = first; j < last; ++j) {
+          const int64_t b = run_start(j);
+          for_valid_ranges(p_, b, b + kSampleRun, [&](int64_t from, int64_t to) {
+            for (int64_t i = from; i < to; ++i) {
+              const uint32_t bin = x_[i] >> 16, h = bin & 0x7fffu;
+              ++hist[bin];
+              lo = std::min(lo, h);
+              hi = std::max(hi, h);
+            }
+          });
+        }
+      });
       lowest[t] = lo, highest[t] = hi;
     });
     // Sum the threads' counts of the touched bins, clearing them for the next call. Bins of
