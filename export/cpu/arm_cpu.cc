@@ -1307,12 +1307,13 @@ class SampledStatistics {
         for (int64_t j = first; j < last; ++j) {
           const int64_t b = run_start(j);
           for_valid_ranges(p_, b, b + kSampleRun, [&](int64_t from, int64_t to) {
+            uint32_t a_lo = 0xffffffffu, a_hi = 0;  // the run's extreme |x| keys, in a loop apart: it vectorizes
             for (int64_t i = from; i < to; ++i) {
-              const uint32_t bin = x_[i] >> 16, h = bin & 0x7fffu;
-              ++hist[bin];
-              lo = std::min(lo, h);
-              hi = std::max(hi, h);
+              a_lo = std::min(a_lo, x_[i] & 0x7fffffffu);
+              a_hi = std::max(a_hi, x_[i] & 0x7fffffffu);
             }
+            for (int64_t i = from; i < to; ++i) ++hist[x_[i] >> 16];
+            if (from < to) lo = std::min(lo, a_lo >> 16), hi = std::max(hi, a_hi >> 16);
           });
         }
       });
