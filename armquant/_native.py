@@ -92,10 +92,15 @@ def _library() -> Optional[ctypes.CDLL]:
         )
         return None
     try:
-        lib = ctypes.CDLL(str(path))
+        return load_library(path)
     except OSError as error:
         logger.warning("could not load %s (%s); using the PyTorch reference", path, error)
         return None
+
+
+def load_library(path) -> ctypes.CDLL:
+    """The library at `path` with its C entry points typed (benchmarks load a second build to compare)."""
+    lib = ctypes.CDLL(str(path))
     forward_args = [
         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(KernelAttrs),

@@ -9,8 +9,12 @@ thread count; the table shows ratios (the machine may be shared, absolute times 
     paired    = the median over rounds of native / add within the same round, with its
                 quartiles in the JSON: steadier than the ratio of minima when the load of the
                 machine drifts between rounds
+    vs base   = the median over rounds of native / baseline, with --baseline-library naming
+                another build of the library (say, of the previous commit), run in the same
+                rounds: how a change to the kernel moved its speed
 
     python benchmarks/bench_arm_cpu.py --threads 2
+    python benchmarks/bench_arm_cpu.py --threads 2 --baseline-library /tmp/before/libarmquant_ort.so
 """
 
 from __future__ import annotations
@@ -71,7 +75,13 @@ def best_of(fn, rounds: int) -> list[float]:
     return times
 
 
-def bench(shape, dtype, scope: str, rounds: int, reference_rounds: int) -> dict:
+def paired(times: dict, numerator: str, denominator: str) -> dict:
+    """The median and quartiles over rounds of numerator / denominator within each round."""
+    ratios = sorted(n / d for n, d in zip(times[numerator], times[denominator]))
+    return {"median": ratios[len(ratios) // 2], "q1": ratios[len(ratios) // 4], "q3": ratios[(3 * len(ratios)) // 4]}
+
+
+def bench(shape, dtype, scope: str, rounds: int, reference_rounds: int, baseline=None) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(dtype)
     config = ARMConfig(scope=scope)
@@ -81,6 +91,10 @@ def bench(shape, dtype, scope: str, rounds: int, reference_rounds: int) -> dict:
         "add": lambda: torch.add(x, 1.0),
         "abs": lambda: x.abs(),
     }
+    if baseline is not None:
+        candidates["baseline"] = lambda: baseline(x, None, None, config)
+        if not torch.equal(native(x, None, None, config).view(torch.uint8), baseline(x, None, None, config).view(torch.uint8)):
+            raise SystemExit("error: the baseline library computes a different ARM output; compare builds of one op")
     for fn in candidates.values():
         fn()  # warm up: page in, spawn nothing lazily inside the timing
     times = {name: [] for name in candidates}
@@ -91,15 +105,16 @@ def bench(shape, dtype, scope: str, rounds: int, reference_rounds: int) -> dict:
         if r < reference_rounds:
             times["reference"] += best_of(lambda: arm_reference(x, None, None, config), 1)
     ms = {name: 1e3 * min(values) for name, values in times.items()}
-    paired = sorted(n / a for n, a in zip(times["native"], times["add"]))
-    return {
+    row = {
         "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "scope": scope, "rounds": rounds,
         "reference_rounds": reference_rounds, "min_ms": ms,
         "median_ms": {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items()},
         "speedup": ms["reference"] / ms["native"], "vs_add": ms["native"] / ms["add"], "vs_abs": ms["native"] / ms["abs"],
-        "vs_add_paired": {"median": paired[len(paired) // 2], "q1": paired[len(paired) // 4],
-                          "q3": paired[(3 * len(paired)) // 4]},
+        "vs_add_paired": paired(times, "native", "add"),
     }
+    if baseline is not None:
+        row["vs_baseline_paired"] = paired(times, "native", "baseline")
+    return row
 
 
 def main() -> int:
@@ -110,28 +125,44 @@ def main() -> int:
     parser.add_argument("--scopes", default="sequence", help="comma-separated: tensor, sequence, token")
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds of native/add/abs (min is reported)")
     parser.add_argument("--reference-rounds", type=int, default=3, help="timed rounds of the slow reference")
+    parser.add_argument("--baseline-library", type=Path, default=None,
+                        help="another build of libarmquant_ort.so to time against the current one, round by round")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_arm_cpu.json"))
     args = parser.parse_args()
     if _native.kernel("cpu") is None:
         print("error: the native kernel is not built; run `python -m armquant._native --build`", file=sys.stderr)
         return 1
+    baseline = None
+    if args.baseline_library is not None:
+        if not args.baseline_library.is_file():
+            print(f"error: --baseline-library {args.baseline_library} is not a file; build the other commit's "
+                  "library first (cmake -S export -B <dir> && cmake --build <dir>)", file=sys.stderr)
+            return 1
+        if args.baseline_library.resolve() == Path(_native.library_path()).resolve():
+            print("error: --baseline-library is the library under test; name another build", file=sys.stderr)
+            return 1
+        baseline = _native._cpu_kernel(_native.load_library(args.baseline_library))
     torch.set_num_threads(args.threads)
     record = {"command": " ".join([Path(sys.executable).name] + sys.argv), "threads": args.threads,
-              "machine": machine(), "results": []}
+              "machine": machine(), "baseline_library": str(args.baseline_library or ""), "results": []}
     header = f"{'shape':>16} {'dtype':>9} {'scope':>9} | {'reference':>10} {'native':>8} {'add':>7} {'abs':>7} ms | {'speedup':>8} {'vs add':>7} {'vs abs':>7} {'paired':>7}"
+    if baseline is not None:
+        header += f" {'vs base':>8}"
     print(header)
     print("-" * len(header))
     for shape_text in args.shapes.split(","):
         shape = tuple(int(d) for d in shape_text.split("x"))
         for dtype_name in args.dtypes.split(","):
             for scope in args.scopes.split(","):
-                row = bench(shape, DTYPES[dtype_name], scope, args.rounds, args.reference_rounds)
+                row = bench(shape, DTYPES[dtype_name], scope, args.rounds, args.reference_rounds, baseline)
                 record["results"].append(row)
                 ms = row["min_ms"]
-                print(f"{shape_text:>16} {dtype_name:>9} {scope:>9} | {ms['reference']:10.1f} {ms['native']:8.2f} "
-                      f"{ms['add']:7.2f} {ms['abs']:7.2f}    | {row['speedup']:7.1f}x {row['vs_add']:6.2f}x {row['vs_abs']:6.2f}x "
-                      f"{row['vs_add_paired']['median']:6.2f}x",
-                      flush=True)
+                line = (f"{shape_text:>16} {dtype_name:>9} {scope:>9} | {ms['reference']:10.1f} {ms['native']:8.2f} "
+                        f"{ms['add']:7.2f} {ms['abs']:7.2f}    | {row['speedup']:7.1f}x {row['vs_add']:6.2f}x "
+                        f"{row['vs_abs']:6.2f}x {row['vs_add_paired']['median']:6.2f}x")
+                if baseline is not None:
+                    line += f" {row['vs_baseline_paired']['median']:7.3f}x"
+                print(line, flush=True)
     record["load_average_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as tmp:
