@@ -100,7 +100,10 @@ def bench(shape, dtype, scope: str, rounds: int, reference_rounds: int, baseline
     times = {name: [] for name in candidates}
     times["reference"] = []
     for r in range(rounds):  # interleaved, so that load from elsewhere hits all alike
-        for name, fn in candidates.items():
+        # Every other round in reverse order: what runs first after the previous round (whose
+        # buffers it finds in cache, or not) changes, and no candidate always gets that slot.
+        order = list(candidates.items()) if r % 2 == 0 else list(reversed(candidates.items()))
+        for name, fn in order:
             times[name] += best_of(fn, 1)
         if r < reference_rounds:
             times["reference"] += best_of(lambda: arm_reference(x, None, None, config), 1)
