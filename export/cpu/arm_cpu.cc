@@ -126,6 +126,7 @@ struct Float32 {
   static bool finite(Raw r) { return (r & 0x7f800000u) != 0x7f800000u; }
   static uint32_t akey(Raw r) { return r & 0x7fffffffu; }
   static float from_akey(uint32_t k) { return float_of(k); }
+  static bool negative(Raw r) { return r > 0x80000000u; }  // x < 0 for all but NaN: -0 is not
 };
 
 // Order-preserving keys of a 16-bit sign-magnitude float, shared by float16 and bfloat16;
@@ -136,6 +137,7 @@ struct SignMagnitude16 {
   static constexpr bool kExactHigh = true;
   static uint32_t akey(Raw r) { return r & 0x7fffu; }
   static float from_akey(uint32_t k) { return Self::value(static_cast<Raw>(k)); }
+  static bool negative(Raw r) { return r > 0x8000u; }  // x < 0 for all but NaN: -0 is not
 };
 
 struct Float16 : SignMagnitude16<Float16> {
@@ -312,17 +314,17 @@ class Mover {
     philox_w0_batch(channel_, size_, c1_, c2_, static_cast<uint32_t>(p_.attrs.seed),
                     static_cast<uint32_t>(p_.attrs.seed >> 32), w);
   }
-  // The new value of an element x whose Philox word is w. -(u * m_neg) == u * -m_neg exactly:
-  // rounding is symmetric in sign. Zeros count as positive. The target is looked up, not
-  // branched on: the signs come in no order.
-  float moved(uint32_t w, float x) const { return (static_cast<float>(w >> 8) * 0x1p-24f) * target_[x < 0.0f]; }
+  // The new value of an element whose Philox word is w, negative when x < 0 (zeros count as
+  // positive). -(u * m_neg) == u * -m_neg exactly: rounding is symmetric in sign. The target
+  // is looked up, not branched on: the signs come in no order.
+  float moved(uint32_t w, bool negative) const { return (static_cast<float>(w >> 8) * 0x1p-24f) * target_[negative]; }
 
   void flush() {
     if (size_ == 0) return;
     uint32_t w[kBatch];
     words(w);
     typename D::Raw* y = static_cast<typename D::Raw*>(p_.y) + base_;
-    for (size_t j = 0; j < size_; ++j) y[channel_[j]] = D::raw_of(moved(w[j], x_[j]));
+    for (size_t j = 0; j < size_; ++j) y[channel_[j]] = D::raw_of(moved(w[j], x_[j] < 0.0f));
     size_ = 0;
   }
   static constexpr size_t kBatch = 256;
@@ -400,7 +402,7 @@ __attribute__((target("avx2"))) void write_stretch(const typename D::Raw* x, typ
   const uint32_t* channels = mover.channels();
   for (size_t q = 0; q < mover.size(); ++q) {
     const uint32_t j = channels[q] - channel0;
-    out[j] = D::raw_of(mover.moved(w[q], D::value(x[j])));
+    out[j] = D::raw_of(mover.moved(w[q], D::negative(x[j])));
   }
   mover.set_size(0);
   if (!stream) return;
@@ -1713,7 +1715,8 @@ bool sampled_statistics(const Problem& p, int64_t begin, int64_t end, int thread
 // ---- large groups: one histogram, the exact values of a few bins, one selection pass ------
 
 constexpr int kRawBins = 65536;  // bins of the raw high 16 bits: sign, exponent, top mantissa
-constexpr int64_t kSelectBlock = 1 << 15;  // elements per block of the selection pass
+constexpr int64_t kSelectBlock = 1 << 15;     // elements per block of the selection pass
+constexpr int64_t kHistogramBlock = 1 << 16;  // and of the 16-bit histogram pass
 
 struct LargeGroupDBin {  // a |x| bin and bounds on its d = |a - m|
   uint32_t a;
@@ -1777,7 +1780,7 @@ class LargeGroup {
     }
     // Only the first tie_quota ties in flat order move: each thread's chunk takes its share.
     const std::vector<TieShare> quota =
-        tie_shares(sampled ? count_ties(st.threshold) : ties_per_thread(st.threshold), st.tie_quota);
+        tie_shares(sampled || kPoint ? count_ties(st.threshold) : ties_per_thread(st.threshold), st.tie_quota);
     run_threads(threads_, [&](int t) {
       int64_t b, e;
       chunk(t, &b, &e);
@@ -1805,14 +1808,22 @@ class LargeGroup {
   void histogram() {
     const size_t T = static_cast<size_t>(threads_);
     ws_.local.resize(T * kRawBins);
+    // 16-bit bins are points: nothing later needs a thread's counts to be of its own chunk, so
+    // the threads take blocks as they come free. float32 gathers its bins' values by chunk,
+    // sized by each thread's counts.
+    std::atomic<int64_t> next{begin_};
     run_threads(threads_, [&](int t) {
-      int64_t b, e;
-      chunk(t, &b, &e);
       uint32_t* h = &ws_.local[t * static_cast<size_t>(kRawBins)];
       std::fill(h, h + kRawBins, 0u);
-      for_valid_ranges(p_, b, e, [&](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i) ++h[raw_high(x_[i])];
-      });
+      auto count = [&](int64_t b, int64_t e) {
+        for_valid_ranges(p_, b, e, [&](int64_t lo, int64_t hi) {
+          for (int64_t i = lo; i < hi; ++i) ++h[raw_high(x_[i])];
+        });
+      };
+      if (kPoint) return take_blocks(next, end_, kHistogramBlock, count);
+      int64_t b, e;
+      chunk(t, &b, &e);
+      count(b, e);
     });
     // Simple loops over all bins, which the compiler vectorises.
     ws_.hist_raw.resize(kRawBins);
@@ -2099,7 +2110,7 @@ class LargeGroup {
 
   // Per thread: the elements with |x| == t (t's bin is known exactly by now).
   // The valid elements with a == t in each thread's chunk, counted in a pass over x (the
-  // sampled path kept no per-chunk counts).
+  // sampled path and the 16-bit histogram keep no per-chunk counts).
   std::vector<int64_t> count_ties(float t) {
     const uint32_t akey = D::akey(D::raw_of(t));
     std::vector<int64_t> ties(threads_, 0);
@@ -2113,6 +2124,8 @@ class LargeGroup {
     return ties;
   }
 
+  // The valid elements with a == t in each thread's share of the passes: from its histogram
+  // (16-bit) or its gathered values (float32, by chunk).
   std::vector<int64_t> ties_per_thread(float t) {
     const uint32_t akey = D::akey(D::raw_of(t)), a = kPoint ? akey : akey >> 16;
     std::vector<int64_t> ties(threads_, 0);
