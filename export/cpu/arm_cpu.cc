@@ -893,7 +893,7 @@ struct IntervalSet {
   uint8_t byte_lo[kMaxIntervals] = {}, byte_hi[kMaxIntervals] = {};  // abs[i] is bytes [lo, hi)
 };
 
-// The |x| intervals (ascending, disjoint, whole bins) on the coarsest byte grid that spans
+// The |x| intervals (ascending, disjoint, whole bins) on the finest byte grid that spans
 // them all: byte 0 lies below the first, byte 255 above the last (NaN and Inf saturate there).
 void fit_to_byte_keys(IntervalSet& set) {
   const int lo = static_cast<int>(set.abs[0].lo >> 16), hi = static_cast<int>(set.abs[set.n_abs - 1].hi >> 16);
