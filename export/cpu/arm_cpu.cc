@@ -875,9 +875,7 @@ struct IntervalCounts {
   uint32_t largest_raw = 0;  // the largest raw bits: see count_and_keep_avx2
   bool non_finite = false;   // a NaN or Inf was seen: the counts do not hold (see count_and_keep_avx2)
   size_t kept = 0;
-  // Of split_by_interval: where each interval's kept keys start, and how many (the signed one last).
-  size_t segment_start[kMaxIntervals + 1] = {};
-  int64_t inside[kMaxIntervals + 1] = {};
+  int64_t inside[kMaxIntervals + 1] = {};  // kept keys in each interval, the signed one last (split_by_interval)
 };
 
 // The counting pass compares one byte per element for the |x| intervals: the high half h of
@@ -1107,11 +1105,12 @@ __attribute__((target("avx2,popcnt"))) size_t keys_in_avx2(const uint32_t* keys,
 
 // Splits the kept raw values v[0, n) by interval, as keys: segment i < set.n_abs holds the
 // |x| keys in set.abs[i], the last (with set.has_signed) the signed keys in set.signed_keys.
-// Segment i comes out as out[start[i], start[i] + count[i]), with room for all n keys and 8
-// spare slots: the split counts as it goes.
+// Segment i comes out as out[i][0, count[i]). The split counts as it goes: before each stretch
+// of kSplitStretch values every buffer gets room for all of them (buffers are workspace, kept
+// from call to call), so the loop itself checks nothing.
+constexpr size_t kSplitStretch = 4096;
 __attribute__((target("avx2,popcnt"))) void split_by_interval_avx2(const uint32_t* v, size_t n, const IntervalSet& set,
-                                                                   std::vector<uint32_t>* out, size_t* start,
-                                                                   int64_t* count) {
+                                                                   std::vector<uint32_t>* out, int64_t* count) {
   const CompressTable& table = compress_table();
   const int segments = set.n_abs + (set.has_signed ? 1 : 0);
   const __m256i flip = _mm256_set1_epi32(std::numeric_limits<int32_t>::min());
@@ -1127,29 +1126,33 @@ __attribute__((target("avx2,popcnt"))) void split_by_interval_avx2(const uint32_
   };
   auto scalar_key = [&](uint32_t raw, int i) { return i < set.n_abs ? raw & 0x7fffffffu : signed_key(float_of(raw)); };
   auto scalar_in = [&](uint32_t key, int i) { return (i < set.n_abs ? set.abs[i] : set.signed_keys).contains(key); };
-  const size_t body = n & ~size_t{7};
-  for (int i = 0; i < segments; ++i) start[i] = i * (n + 8);  // room for all n in each
-  if (out->size() < segments * (n + 8)) out->resize(segments * (n + 8));
-  size_t fill[kMaxIntervals + 1];
-  for (int i = 0; i < segments; ++i) fill[i] = start[i];
-  uint32_t* o = out->data();
-  for (size_t j = 0; j < body; j += 8) {
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j));
+  size_t fill[kMaxIntervals + 1] = {};
+  uint32_t* o[kMaxIntervals + 1];
+  for (size_t from = 0; from < n; from += kSplitStretch) {
+    const size_t to = std::min(n, from + kSplitStretch), body = from + ((to - from) & ~size_t{7});
     for (int i = 0; i < segments; ++i) {
-      const __m256i key = key_of(raw, i);
-      const unsigned mask = lanes_in_interval(key, lo[i], span[i]);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + fill[i]),
-                          _mm256_permutevar8x32_epi32(key, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask]))));
-      fill[i] += static_cast<size_t>(__builtin_popcount(mask));
+      const size_t room = fill[i] + (to - from) + 8;
+      if (out[i].size() < room) out[i].resize(std::max(room, 2 * out[i].size()));
+      o[i] = out[i].data();
     }
+    for (size_t j = from; j < body; j += 8) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j));
+      for (int i = 0; i < segments; ++i) {
+        const __m256i key = key_of(raw, i);
+        const unsigned mask = lanes_in_interval(key, lo[i], span[i]);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o[i] + fill[i]),
+                            _mm256_permutevar8x32_epi32(key, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask]))));
+        fill[i] += static_cast<size_t>(__builtin_popcount(mask));
+      }
+    }
+    for (size_t j = body; j < to; ++j)
+      for (int i = 0; i < segments; ++i) {
+        const uint32_t key = scalar_key(v[j], i);
+        o[i][fill[i]] = key;
+        fill[i] += scalar_in(key, i);
+      }
   }
-  for (size_t j = body; j < n; ++j)
-    for (int i = 0; i < segments; ++i) {
-      const uint32_t key = scalar_key(v[j], i);
-      o[fill[i]] = key;
-      fill[i] += scalar_in(key, i);
-    }
-  for (int i = 0; i < segments; ++i) count[i] = static_cast<int64_t>(fill[i] - start[i]);
+  for (int i = 0; i < segments; ++i) count[i] = static_cast<int64_t>(fill[i]);
 }
 #endif
 
@@ -1254,7 +1257,7 @@ struct SampledWorkspace {
   // touched only, so that a call reads and clears a few thousand bins, not all 65536.
   std::vector<uint32_t> below_abs, below_pos, below_neg;
   std::vector<std::vector<uint32_t>> kept;    // per thread: the values inside the intervals
-  std::vector<std::vector<uint32_t>> parts;   // per thread: their keys, split by interval
+  std::vector<std::array<std::vector<uint32_t>, kMaxIntervals + 1>> parts;  // per thread: their keys, by interval
   std::vector<std::vector<uint32_t>> distances;  // per thread: d = |a - m| of its kept values near m -/+ MAD
   std::vector<uint32_t> keys;                 // selection scratch
 };
@@ -1477,7 +1480,7 @@ class SampledStatistics {
           count_and_keep(x_ + lo, hi - lo, set_, &c, out.data());
         });
       });
-      split_by_interval_avx2(out.data(), c.kept, set_, &ws_.parts[t], c.segment_start, c.inside);
+      split_by_interval_avx2(out.data(), c.kept, set_, ws_.parts[t].data(), c.inside);
     });
     for (const IntervalCounts& c : counts_) {
       if (c.non_finite) return false;
@@ -1504,7 +1507,7 @@ class SampledStatistics {
   std::vector<KeySpan> segment_spans(int segment) const {
     std::vector<KeySpan> spans(threads_);
     for (int t = 0; t < threads_; ++t)
-      spans[t] = {ws_.parts[t].data() + counts_[t].segment_start[segment], static_cast<size_t>(counts_[t].inside[segment])};
+      spans[t] = {ws_.parts[t][segment].data(), static_cast<size_t>(counts_[t].inside[segment])};
     return spans;
   }
   // The counting segment of an interval inside one, or the signed one.
@@ -1672,7 +1675,7 @@ class SampledStatistics {
       size_t n = 0;
       for (int e = 0; e < (ia == ib ? 1 : 2); ++e) {
         const int i = exact[e];
-        n += distances_avx2(ws_.parts[t].data() + c.segment_start[i], static_cast<size_t>(c.inside[i]), m, cut_lo,
+        n += distances_avx2(ws_.parts[t][i].data(), static_cast<size_t>(c.inside[i]), m, cut_lo,
                             cut_hi, &low_of[t], d.data() + n);
       }
       mid[t] = {d.data(), n};
