@@ -891,6 +891,7 @@ struct IntervalSet {
   uint8_t byte_lo[kMaxIntervals] = {}, byte_hi[kMaxIntervals] = {};  // abs[i] is bytes [lo, hi)
 };
 
+#if defined(__x86_64__) || defined(__i386__)
 // The |x| intervals (ascending, disjoint, whole bins) on the finest byte grid that spans
 // them all: byte 0 lies below the first, byte 255 above the last (NaN and Inf saturate there).
 void fit_to_byte_keys(IntervalSet& set) {
@@ -919,7 +920,6 @@ void fit_to_byte_keys(IntervalSet& set) {
   set = fitted;
 }
 
-#if defined(__x86_64__) || defined(__i386__)
 __attribute__((target("avx2"))) inline int64_t lane_sum(__m256i v) {
   alignas(32) uint32_t lanes[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
@@ -1262,6 +1262,7 @@ struct SampledWorkspace {
   std::vector<uint32_t> keys;                 // selection scratch
 };
 
+#if defined(__x86_64__) || defined(__i386__)
 // $ARMQUANT_DISABLE_SAMPLING (any value) sends every group down the histogram path, so that
 // tests and benchmarks can compare the two. Read on each call, as tests change it.
 bool sampling_enabled() { return !std::getenv("ARMQUANT_DISABLE_SAMPLING"); }
@@ -1274,7 +1275,6 @@ double sample_margin_scale() {
   return v ? std::atof(v) : 1.0;
 }
 
-#if defined(__x86_64__) || defined(__i386__)
 // Statistics of one large float32 group from a sample and one counting pass; false when the
 // sample's brackets missed a statistic (or the CPU lacks AVX2), with nothing written.
 class SampledStatistics {
