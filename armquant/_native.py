@@ -92,14 +92,14 @@ def _library() -> Optional[ctypes.CDLL]:
         )
         return None
     try:
-        return load_library(path)
+        return _load_library(path)
     except OSError as error:
         logger.warning("could not load %s (%s); using the PyTorch reference", path, error)
         return None
 
 
-def load_library(path) -> ctypes.CDLL:
-    """The library at `path` with its C entry points typed (benchmarks load a second build to compare)."""
+def _load_library(path) -> ctypes.CDLL:
+    """The library at `path` with its C entry points typed."""
     lib = ctypes.CDLL(str(path))
     forward_args = [
         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -210,6 +210,11 @@ def kernel(device_type: str) -> Optional[Callable]:
     if device_type == "cuda" and lib.armq_has_cuda():
         return _cuda_kernel(lib)
     return None
+
+
+def cpu_kernel_from(path) -> Callable:
+    """The CPU kernel, as `kernel("cpu")`, of another build of the library (benchmarks compare two builds)."""
+    return _cpu_kernel(_load_library(path))
 
 
 # --- Building: armquant/_build.py (torch-free, shared with setup.py) ------------------------

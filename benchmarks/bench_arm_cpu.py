@@ -144,7 +144,7 @@ def main() -> int:
         if args.baseline_library.resolve() == Path(_native.library_path()).resolve():
             print("error: --baseline-library is the library under test; name another build", file=sys.stderr)
             return 1
-        baseline = _native._cpu_kernel(_native.load_library(args.baseline_library))
+        baseline = _native.cpu_kernel_from(args.baseline_library)
     torch.set_num_threads(args.threads)
     record = {"command": " ".join([Path(sys.executable).name] + sys.argv), "threads": args.threads,
               "machine": machine(), "baseline_library": str(args.baseline_library or ""), "results": []}

@@ -942,9 +942,8 @@ enum class SignedCompare { kNone, kRaw, kKey };
 // branch on it would cost more.
 constexpr int64_t kPieceMax = 1 << 16;  // elements per call (a block of the pass): out grows between calls
 template <int kAbs, SignedCompare kSigned>
-__attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* x, int64_t n,
-                                                                      const IntervalSet& set, IntervalCounts* c,
-                                                                      uint32_t* out) {
+__attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* x, int64_t n, const IntervalSet& set,
+                                                                 IntervalCounts* c, uint32_t* out) {
   constexpr bool kHasSigned = kSigned != SignedCompare::kNone;
   constexpr int kSegments = kAbs + (kHasSigned ? 1 : 0);
   const CompressTable& table = compress_table();
