@@ -1752,7 +1752,7 @@ struct LargeGroupDBin {  // a |x| bin and bounds on its d = |a - m|
 // The histograms of LargeGroup, kept by the calling thread from call to call: fresh pages
 // of this size would cost more than the pass that fills them.
 struct LargeGroupWorkspace {
-  std::vector<uint32_t> local;               // per thread, per raw bin
+  std::vector<uint32_t> local, local_odd;    // per thread, per raw bin (see histogram())
   std::vector<uint64_t> hist_raw, hist_abs;  // all threads, per raw bin and per |x| bin
   std::vector<uint32_t> raw_bins, abs_bins;  // the non-empty bins, ascending
   std::vector<int32_t> gathered_of_raw;      // index in LargeGroup::gathered_, or -1
@@ -1830,25 +1830,46 @@ class LargeGroup {
   };
 
   // Pass 1.
+  // bfloat16 values (7 mantissa bits) are few and hot: neighbours often share a bin, and one
+  // counter incremented back to back made the histogram loop up to 1.4x slower, by where the
+  // code happened to land. So odd elements count in a histogram of their own there. float16's
+  // 10 bits spread the counts over 8x more bins, where a second histogram only adds cache
+  // misses (6% slower); float32 measured the same either way.
+  static constexpr bool kOddApart = std::is_same<D, BFloat16>::value;
+
   void histogram() {
     const size_t T = static_cast<size_t>(threads_);
     ws_.local.resize(T * kRawBins);
+    if (kOddApart) ws_.local_odd.resize(T * kRawBins);
     // 16-bit bins are points: nothing later needs a thread's counts to be of its own chunk, so
     // the threads take blocks as they come free. float32 gathers its bins' values by chunk,
     // sized by each thread's counts.
     std::atomic<int64_t> next{begin_};
     run_threads(threads_, [&](int t) {
       uint32_t* h = &ws_.local[t * static_cast<size_t>(kRawBins)];
+      uint32_t* h_odd = &ws_.local_odd[t * static_cast<size_t>(kRawBins)];
       std::fill(h, h + kRawBins, 0u);
+      if (kOddApart) std::fill(h_odd, h_odd + kRawBins, 0u);
       auto count = [&](int64_t b, int64_t e) {
         for_valid_ranges(p_, b, e, [&](int64_t lo, int64_t hi) {
-          for (int64_t i = lo; i < hi; ++i) ++h[raw_high(x_[i])];
+          int64_t i = lo;
+          if (kOddApart)
+            for (; i + 2 <= hi; i += 2) {
+              ++h[raw_high(x_[i])];
+              ++h_odd[raw_high(x_[i + 1])];
+            }
+          for (; i < hi; ++i) ++h[raw_high(x_[i])];
         });
       };
-      if (kPoint) return take_blocks(next, end_, kHistogramBlock, count);
-      int64_t b, e;
-      chunk(t, &b, &e);
-      count(b, e);
+      if (kPoint) {
+        take_blocks(next, end_, kHistogramBlock, count);
+      } else {
+        int64_t b, e;
+        chunk(t, &b, &e);
+        count(b, e);
+      }
+      if (kOddApart)
+        for (int r = 0; r < kRawBins; ++r) h[r] += h_odd[r];
     });
     // Simple loops over all bins, which the compiler vectorises.
     ws_.hist_raw.resize(kRawBins);
