@@ -191,8 +191,8 @@ def test_sampled_and_histogram_paths_agree(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_parity_output_written_around_the_cache(dtype):
-    # Chunks of 8 MiB or more per thread are written with non-temporal stores.
+def test_parity_long_tokens_one_thread(dtype):
+    # Tokens of millions of elements (hundreds of selection stretches each), 9.6 MB on one thread.
     gen = torch.Generator().manual_seed(11)
     x = data("normal", (1, 4, 600_000 * 4 // dtype.itemsize), dtype, gen)
     previous = torch.get_num_threads()
