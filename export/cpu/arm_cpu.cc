@@ -878,7 +878,7 @@ struct IntervalCounts {
   int64_t valid = 0;
   uint32_t largest_raw = 0;  // the largest raw bits: see count_and_keep_avx2
   bool non_finite = false;   // a NaN or Inf was seen: the counts do not hold (see count_and_keep_avx2)
-  size_t kept = 0;
+  size_t kept = 0;  // of the block at hand
   int64_t inside[kMaxIntervals + 1] = {};  // kept keys in each interval, the signed one last (split_by_interval)
 };
 
@@ -944,7 +944,7 @@ enum class SignedCompare { kNone, kRaw, kKey };
 // above it sits in a register of byte counters, emptied every 255 rounds. Every lane is
 // stored and only kept lanes advance the end: whether a lane is kept is a coin toss, and a
 // branch on it would cost more.
-constexpr int64_t kPieceMax = 1 << 16;  // elements per call (a block of the pass): out grows between calls
+constexpr int64_t kPieceMax = 1 << 16;  // elements per block of the pass, each kept in a buffer of its own size
 template <int kAbs, SignedCompare kSigned>
 __attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* x, int64_t n, const IntervalSet& set,
                                                                  IntervalCounts* c, uint32_t* out) {
@@ -1108,7 +1108,7 @@ __attribute__((target("avx2,popcnt"))) size_t keys_in_avx2(const uint32_t* keys,
 
 // Splits the kept raw values v[0, n) by interval, as keys: segment i < set.n_abs holds the
 // |x| keys in set.abs[i], the last (with set.has_signed) the signed keys in set.signed_keys.
-// Segment i comes out as out[i][0, count[i]). The split counts as it goes: before each stretch
+// Segment i's keys are appended to out[i][0, count[i]), and count[i] grows. The split counts as it goes: before each stretch
 // of kSplitStretch values every buffer gets room for all of them (buffers are workspace, kept
 // from call to call), so the loop itself checks nothing.
 constexpr size_t kSplitStretch = 4096;
@@ -1129,7 +1129,8 @@ __attribute__((target("avx2,popcnt"))) void split_by_interval_avx2(const uint32_
   };
   auto scalar_key = [&](uint32_t raw, int i) { return i < set.n_abs ? raw & 0x7fffffffu : signed_key(float_of(raw)); };
   auto scalar_in = [&](uint32_t key, int i) { return (i < set.n_abs ? set.abs[i] : set.signed_keys).contains(key); };
-  size_t fill[kMaxIntervals + 1] = {};
+  size_t fill[kMaxIntervals + 1];
+  for (int i = 0; i < segments; ++i) fill[i] = static_cast<size_t>(count[i]);
   uint32_t* o[kMaxIntervals + 1];
   for (size_t from = 0; from < n; from += kSplitStretch) {
     const size_t to = std::min(n, from + kSplitStretch), body = from + ((to - from) & ~size_t{7});
@@ -1259,7 +1260,7 @@ struct SampledWorkspace {
   // Sampled values in the |x| bins below first_bin + k, by sign: over the bins the sample
   // touched only, so that a call reads and clears a few thousand bins, not all 65536.
   std::vector<uint32_t> below_abs, below_pos, below_neg;
-  std::vector<std::vector<uint32_t>> kept;    // per thread: the values inside the intervals
+  std::vector<std::vector<uint32_t>> kept;    // per thread: the values inside the intervals, of one block
   std::vector<std::array<std::vector<uint32_t>, kMaxIntervals + 1>> parts;  // per thread: their keys, by interval
   std::vector<std::vector<uint32_t>> distances;  // per thread: d = |a - m| of its kept values near m -/+ MAD
   std::vector<uint32_t> keys;                 // selection scratch
@@ -1483,13 +1484,13 @@ class SampledStatistics {
     run_threads(threads_, [&](int t) {
       std::vector<uint32_t>& out = ws_.kept[t];
       IntervalCounts& c = counts_[t];
+      // Each block's kept values are split while they are still in cache.
+      out.resize(std::max<size_t>(out.size(), kPieceMax + 32));
       take_blocks(next, end_, kPieceMax, [&](int64_t b, int64_t e) {
-        for_valid_ranges(p_, b, e, [&](int64_t lo, int64_t hi) {
-          if (out.size() < c.kept + (hi - lo) + 32) out.resize(std::max(2 * out.size(), c.kept + (hi - lo) + 32));
-          count_and_keep(x_ + lo, hi - lo, set_, &c, out.data());
-        });
+        c.kept = 0;
+        for_valid_ranges(p_, b, e, [&](int64_t lo, int64_t hi) { count_and_keep(x_ + lo, hi - lo, set_, &c, out.data()); });
+        split_by_interval_avx2(out.data(), c.kept, set_, ws_.parts[t].data(), c.inside);
       });
-      split_by_interval_avx2(out.data(), c.kept, set_, ws_.parts[t].data(), c.inside);
     });
     for (const IntervalCounts& c : counts_) {
       if (c.non_finite) return false;
