@@ -256,7 +256,7 @@ __attribute__((target("avx2"))) void philox_w0_avx2(const uint32_t* c0_in, size_
   const __m256i c0_second = _mm256_set1_epi64x(static_cast<uint32_t>(p1_first >> 32) ^ c1_in ^ k0_in);
   const __m256i c1_second = _mm256_set1_epi64x(static_cast<uint32_t>(p1_first));
   const __m256i p0_second = _mm256_mul_epu32(c0_second, m0);
-  const __m256i c2_third = _mm256_xor_si256(_mm256_srli_epi64(p0_second, 32), key1[1]);  // ^ c3 (per lane)
+  const __m256i c2_third = _mm256_xor_si256(_mm256_srli_epi64(p0_second, 32), key1[1]);  // but for ^ c3, per lane
   size_t j = 0;
   for (; j + kStep <= n; j += kStep) {
     __m256i c0[kChains], c1[kChains], c2[kChains], c3[kChains];
@@ -464,13 +464,13 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const typename 
   const uint32_t channel0 = static_cast<uint32_t>(first - mover.base());
   uint32_t* channels = mover.channels();
   size_t queued = mover.size();  // kept in a register: the queue is this loop's only state
-  int64_t written = 0, j = 0;
+  int64_t stretch_begin = 0, j = 0;  // the moves of y[stretch_begin, j) are still queued
   const int64_t vectors_end = n & ~(Lanes::kLanes - 1);
   while (j < vectors_end) {
-    if (queued + kBlock > M::kBatch || j + kBlock - written > kStretch) {
+    if (queued + kBlock > M::kBatch || j + kBlock - stretch_begin > kStretch) {
       mover.set_size(queued);
       write_stretch<D>(x, y, channel0, mover);
-      written = j;
+      stretch_begin = j;
       queued = 0;
     }
     // The channels of the first eight lanes at hand.
@@ -497,10 +497,10 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const typename 
     }
   }
   for (; j < n; ++j) {
-    if (queued == M::kBatch || j - written == kStretch) {
+    if (queued == M::kBatch || j - stretch_begin == kStretch) {
       mover.set_size(queued);
       write_stretch<D>(x, y, channel0, mover);
-      written = j;
+      stretch_begin = j;
       queued = 0;
     }
     y[j] = x[j];
@@ -1108,9 +1108,9 @@ __attribute__((target("avx2,popcnt"))) size_t keys_in_avx2(const uint32_t* keys,
 
 // Splits the kept raw values v[0, n) by interval, as keys: segment i < set.n_abs holds the
 // |x| keys in set.abs[i], the last (with set.has_signed) the signed keys in set.signed_keys.
-// Segment i's keys are appended to out[i][0, count[i]), and count[i] grows. The split counts as it goes: before each stretch
-// of kSplitStretch values every buffer gets room for all of them (buffers are workspace, kept
-// from call to call), so the loop itself checks nothing.
+// Segment i's keys are appended to out[i][0, count[i]), and count[i] grows. The split counts
+// as it goes: before each stretch of kSplitStretch values every buffer gets room for all of
+// them (buffers are workspace, kept from call to call), so the loop itself checks nothing.
 constexpr size_t kSplitStretch = 4096;
 __attribute__((target("avx2,popcnt"))) void split_by_interval_avx2(const uint32_t* v, size_t n, const IntervalSet& set,
                                                                    std::vector<uint32_t>* out, int64_t* count) {
@@ -1833,7 +1833,7 @@ class LargeGroup {
     std::atomic<int64_t> next{begin_};
     run_threads(threads_, [&](int t) {
       uint32_t* h = &ws_.local[t * static_cast<size_t>(kRawBins)];
-      uint32_t* h_odd = &ws_.local_odd[t * static_cast<size_t>(kRawBins)];
+      uint32_t* h_odd = kOddApart ? ws_.local_odd.data() + t * static_cast<size_t>(kRawBins) : nullptr;
       std::fill(h, h + kRawBins, 0u);
       if (kOddApart) std::fill(h_odd, h_odd + kRawBins, 0u);
       auto count = [&](int64_t b, int64_t e) {
