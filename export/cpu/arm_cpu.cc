@@ -2145,7 +2145,6 @@ class LargeGroup {
     return lo;
   }
 
-  // Per thread: the elements with |x| == t (t's bin is known exactly by now).
   // The valid elements with a == t in each thread's chunk, counted in a pass over x (the
   // sampled path and the 16-bit histogram keep no per-chunk counts).
   std::vector<int64_t> count_ties(float t) {
@@ -2161,8 +2160,8 @@ class LargeGroup {
     return ties;
   }
 
-  // The valid elements with a == t in each thread's share of the passes: from its histogram
-  // (16-bit) or its gathered values (float32, by chunk).
+  // The valid elements with a == t per thread: from its histogram (16-bit, of the blocks it
+  // took, so only their sum means anything) or its gathered values (float32, by chunk).
   std::vector<int64_t> ties_per_thread(float t) {
     const uint32_t akey = D::akey(D::raw_of(t)), a = kPoint ? akey : akey >> 16;
     std::vector<int64_t> ties(threads_, 0);
