@@ -330,7 +330,9 @@ def export_arm_config(model_dir: str | os.PathLike) -> dict:
 
 # --- ONNX Runtime quantization ------------------------------------------------------------
 
-SCHEMES = ("int4", "int8")
+# Weight-only MatMulNBits (bits per weight), or ONNX Runtime's dynamic INT8: per-tensor int8
+# activations, which LLM activation outliers make lossy (+74% perplexity on SmolLM2, RESULTS.md).
+SCHEMES = {"int4": 4, "int8": 8, "int8-dynamic": None}
 
 
 def untie_transposed_weights(proto: onnx.ModelProto) -> int:
@@ -374,19 +376,33 @@ def untie_transposed_weights(proto: onnx.ModelProto) -> int:
     return rewritten
 
 
+def lm_head_node(proto: onnx.ModelProto) -> Optional[onnx.NodeProto]:
+    """The MatMul (or Gemm) that computes the `logits` output, through any nodes after it."""
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    node = producer.get("logits")
+    while node is not None and node.op_type not in ("MatMul", "Gemm"):
+        node = producer.get(node.input[0]) if node.input else None
+    return node
+
+
 def quantize_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, scheme: str = "int4",
-                  block_size: int = 128, accuracy_level: int = 4, overwrite: bool = False,
-                  source_name: Optional[str] = None) -> Path:
+                  block_size: int = 32, accuracy_level: int = 4, overwrite: bool = False,
+                  source_name: Optional[str] = None, symmetric: bool = True, float_lm_head: bool = False) -> Path:
     """Quantize an export with ONNX Runtime's tools; the ARM nodes and their function survive.
 
-    int4: weight-only MatMulNBits (4-bit blocks of `block_size`, `accuracy_level` 4 = int8
-    activations inside the kernel, the fast CPU path). int8: dynamic quantization of MatMul.
+    int4, int8: weight-only MatMulNBits (blocks of `block_size` weights, `symmetric` or with a
+    zero point each; `accuracy_level` 4 = int8 activations per block inside the kernel, the fast
+    CPU path). int8-dynamic: ONNX Runtime's dynamic quantization of MatMul (MatMulInteger; its
+    weights are always symmetric). The LM head is quantized too unless `float_lm_head`: a tied
+    head then keeps reading the embedding table, so the float head adds no bytes, but decode is
+    slower.
     """
     import shutil
 
     if scheme not in SCHEMES:
-        raise ValueError(f"scheme={scheme!r} must be one of {SCHEMES}")
-    if scheme == "int4" and (block_size < 16 or block_size & (block_size - 1)):
+        raise ValueError(f"scheme={scheme!r} must be one of {list(SCHEMES)}")
+    bits = SCHEMES[scheme]
+    if bits and (block_size < 16 or block_size & (block_size - 1)):
         raise ValueError(f"block_size={block_size} must be a power of two >= 16 (MatMulNBits), e.g. 32 or 128")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     source = model_dir / MODEL_FILE
@@ -401,12 +417,19 @@ def quantize_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sche
             if item.name not in (MODEL_FILE, MODEL_FILE + "_data", INFO_FILE) and item.is_file():
                 shutil.copy2(item, tmp / item.name)
         proto = onnx.load(str(source))
-        untie_transposed_weights(proto)
-        if scheme == "int4":
+        exclude = []
+        if float_lm_head:
+            head = lm_head_node(proto)
+            if head is None:
+                raise ValueError(f"no MatMul computes `logits` in {source}; float_lm_head needs an `armquant export` graph")
+            exclude.append(head.name)
+        else:
+            untie_transposed_weights(proto)
+        if bits:
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-            quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=block_size, is_symmetric=True,
-                                             accuracy_level=accuracy_level)
+            quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                             accuracy_level=accuracy_level, nodes_to_exclude=exclude)
             quantizer.process()
             proto = quantizer.model.model
         else:
@@ -416,7 +439,7 @@ def quantize_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sche
             onnx.save_model(proto, str(staged_in), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=staged_in.name + "_data")
             quantize_dynamic(str(staged_in), str(staged_out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                             extra_options={"MatMulConstBOnly": True})
+                             nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True})
             proto = onnx.load(str(staged_out))
             for staged in tmp.glob("staged-*"):
                 staged.unlink()
@@ -425,8 +448,9 @@ def quantize_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sche
             raise RuntimeError(f"quantization changed the ARM nodes: {n_arm} before, {len(arm_nodes(proto))} after")
         _save_proto(proto, tmp)
         info = json.loads((model_dir / INFO_FILE).read_text()) if (model_dir / INFO_FILE).is_file() else {}
-        info["quantization"] = {"scheme": scheme, "source": source_name or str(model_dir),
-                                **({"block_size": block_size, "accuracy_level": accuracy_level} if scheme == "int4" else {})}
+        info["quantization"] = {"scheme": scheme, "source": source_name or str(model_dir), "float_lm_head": float_lm_head,
+                                **({"block_size": block_size, "accuracy_level": accuracy_level, "symmetric": symmetric}
+                                   if bits else {})}
         write_json(tmp / INFO_FILE, info)
     return out_dir
 
@@ -501,7 +525,7 @@ def _cmd_export(args) -> int:
         with tempfile.TemporaryDirectory(dir=Path(args.out_dir).resolve().parent) as staging:
             fp32 = export(model, Path(staging) / "fp32", tokenizer)
             quantize_onnx(fp32, args.out_dir, args.quantize, args.block_size, args.accuracy_level, args.overwrite,
-                          source_name=args.model)
+                          source_name=args.model, symmetric=not args.asymmetric, float_lm_head=args.float_lm_head)
     else:
         export(model, args.out_dir, tokenizer, overwrite=args.overwrite)
     print(f"wrote {args.out_dir}")
@@ -509,7 +533,8 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_ort_quantize(args) -> int:
-    out = quantize_onnx(args.model_dir, args.out_dir, args.scheme, args.block_size, args.accuracy_level, args.overwrite)
+    out = quantize_onnx(args.model_dir, args.out_dir, args.scheme, args.block_size, args.accuracy_level, args.overwrite,
+                        symmetric=not args.asymmetric, float_lm_head=args.float_lm_head)
     print(f"wrote {out}")
     return 0
 
@@ -533,6 +558,15 @@ def _add_library_argument(parser) -> None:
     )
 
 
+def _add_quantize_arguments(parser) -> None:
+    parser.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size (default 32; 128 is smaller, and coarser)")
+    parser.add_argument("--accuracy-level", type=int, default=4,
+                        help="MatMulNBits accuracy level (default 4: int8 compute, fastest on CPU)")
+    parser.add_argument("--asymmetric", action="store_true", help="MatMulNBits with a zero point per block (default: symmetric)")
+    parser.add_argument("--float-lm-head", action="store_true",
+                        help="keep the LM head in float32: better perplexity, slower decode (a tied head adds no bytes)")
+
+
 def add_cli(subparsers) -> None:
     from armquant.models import add_arm_arguments
 
@@ -544,18 +578,18 @@ def add_cli(subparsers) -> None:
     p.add_argument("model", help="bundled name, .gguf file or checkpoint folder")
     p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
-    p.add_argument("--quantize", choices=SCHEMES, help="also quantize with ONNX Runtime: int4 (MatMulNBits) or int8 (dynamic)")
-    p.add_argument("--block-size", type=int, default=128, help="int4 block size (32 or 128; default 128)")
-    p.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy level (4: int8 compute, fastest on CPU)")
+    p.add_argument("--quantize", choices=list(SCHEMES),
+                   help="also quantize with ONNX Runtime: int4 or int8 (weight-only MatMulNBits), int8-dynamic (MatMulInteger)")
+    _add_quantize_arguments(p)
     add_arm_arguments(p)
     p.set_defaults(handler=_cmd_export)
 
     p = subparsers.add_parser("ort-quantize", help="quantize an ONNX export with ONNX Runtime (int4 or int8)")
     p.add_argument("model_dir", help="folder written by `armquant export`")
     p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--scheme", choices=SCHEMES, default="int4")
-    p.add_argument("--block-size", type=int, default=128, help="int4 block size (32 or 128; default 128)")
-    p.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy level (default 4)")
+    p.add_argument("--scheme", choices=list(SCHEMES), default="int4",
+                   help="int4 or int8: weight-only MatMulNBits; int8-dynamic: MatMulInteger with per-tensor int8 activations")
+    _add_quantize_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     p.set_defaults(handler=_cmd_ort_quantize)
 

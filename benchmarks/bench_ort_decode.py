@@ -1,16 +1,20 @@
-"""ONNX Runtime CPU decode speed of an ARM export: FP32, INT8 dynamic, INT4 MatMulNBits; and the
-ARM node alone with the custom-op library vs the ONNX function fallback. Side by side, as ratios.
+"""ONNX Runtime CPU decode speed of an ARM export: FP32, INT8 dynamic, INT8 and INT4 MatMulNBits
+(with zero points or symmetric, LM head quantized or float); and the ARM node alone with the custom-op
+library vs the ONNX function fallback. Side by side, as ratios; with --perplexity-windows, each
+variant's perplexity too.
 
     python benchmarks/bench_ort_decode.py MODEL [--work /tmp/armquant-bench] [--prompt 64] [--tokens 64]
-        [--threads 2] [--library auto|PATH] [--json benchmarks/results/ort_decode.json]
+        [--threads 2] [--library auto|PATH] [--perplexity-windows N] [--json benchmarks/results/ort_decode.json]
 
 MODEL: bundled name or checkpoint folder. Exports (and their quantized variants) are made once
 in --work and reused. Decode speed: greedy steps of one token with the KV cache after a prompt
 of --prompt tokens, best of --repeats (the variants interleaved); ARM runs with the library
-when it is built.
+when it is built. Perplexity: the first N windows of 2048 tokens of the evaluation split, ARM on
+(seed 0), as `armquant eval --backend ort` computes it.
 """
 
 import argparse
+import inspect
 import json
 import statistics
 import time
@@ -24,12 +28,17 @@ from armquant._io import write_json
 from armquant._provenance import format_provenance, provenance
 from armquant.models import ARMModelConfig
 
-VARIANTS = [  # name, scheme, block size
-    ("fp32", None, None),
-    ("int8-dynamic", "int8", None),
-    ("int4-b128", "int4", 128),
-    ("int4-b32", "int4", 32),
-]
+VARIANTS = {  # name: quantize_onnx arguments (None: the float32 export itself)
+    "fp32": None,
+    "int8-dynamic": dict(scheme="int8-dynamic"),
+    "int8-b128-sym": dict(scheme="int8", block_size=128, symmetric=True),
+    "int8-b128-asym": dict(scheme="int8", block_size=128, symmetric=False),
+    "int4-b128-sym": dict(scheme="int4", block_size=128, symmetric=True),
+    "int4-b128-asym": dict(scheme="int4", block_size=128, symmetric=False),
+    "int4-b32-sym": dict(scheme="int4", block_size=32, symmetric=True),
+    "int4-b32-asym": dict(scheme="int4", block_size=32, symmetric=False),
+    "int4-b32-asym-float-head": dict(scheme="int4", block_size=32, symmetric=False, float_lm_head=True),
+}
 
 
 def prepare(model_name: str, work: Path) -> dict[str, Path]:
@@ -40,11 +49,28 @@ def prepare(model_name: str, work: Path) -> dict[str, Path]:
         model, tokenizer = load(model_name)
         aox.export(model, fp32, tokenizer, overwrite=True)
     dirs = {"fp32": fp32}
-    for name, scheme, block in VARIANTS[1:]:
+    for name, arguments in VARIANTS.items():
+        if arguments is None:
+            continue
         dirs[name] = work / name
-        if not (dirs[name] / aox.MODEL_FILE).is_file():
-            aox.quantize_onnx(fp32, dirs[name], scheme, block_size=block or 128, overwrite=True)
+        if not made_with(dirs[name], arguments):
+            aox.quantize_onnx(fp32, dirs[name], overwrite=True, **arguments)
     return dirs
+
+
+def made_with(folder: Path, arguments: dict) -> bool:
+    """Whether `folder` holds an export quantized with these quantize_onnx arguments (defaults filled in)."""
+    if not (folder / aox.INFO_FILE).is_file():
+        return False
+    recorded = json.loads((folder / aox.INFO_FILE).read_text()).get("quantization") or {}
+    defaults = inspect.signature(aox.quantize_onnx).parameters
+    keys = ["scheme", "float_lm_head"] + (["block_size", "symmetric"] if aox.SCHEMES[arguments["scheme"]] else [])
+    return all(recorded.get(k) == arguments.get(k, defaults[k].default) for k in keys)
+
+
+def megabytes(folder: Path) -> float:
+    """The graph and its weights on disk."""
+    return sum(f.stat().st_size for f in folder.glob(aox.MODEL_FILE + "*")) / 1e6
 
 
 def decode_once(decoder, prompt: int, tokens: int) -> float:
@@ -100,6 +126,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--library", default=runtime.LIBRARY_AUTO, help="ARM custom-op library: auto (the built one) or a path")
+    parser.add_argument("--perplexity-windows", type=int, default=0,
+                        help="also the perplexity of each variant over this many windows (default 0: skip)")
     parser.add_argument("--json", default="benchmarks/results/ort_decode.json")
     args = parser.parse_args()
 
@@ -107,15 +135,27 @@ def main():
     library = runtime.custom_op_library(args.library)
     arm_library = library or runtime.LIBRARY_NONE
     decoders = {name: aox.DecoderSession(runtime.session(dirs[name], library=arm_library, threads=args.threads))
-                for name, _, _ in VARIANTS}
+                for name in VARIANTS}
     best = {name: float("inf") for name in decoders}
     for _ in range(args.repeats):  # interleaved, so load changes on the machine hit every variant alike
         for name, decoder in decoders.items():
             best[name] = min(best[name], decode_once(decoder, args.prompt, args.tokens))
-    rows = [{"variant": name, "decode_tokens_per_s": args.tokens / seconds} for name, seconds in best.items()]
+    rows = [{"variant": name, "megabytes": megabytes(dirs[name]), "quantize_onnx": VARIANTS[name],
+             "decode_tokens_per_s": args.tokens / seconds} for name, seconds in best.items()]
     base = rows[0]["decode_tokens_per_s"]
     for row in rows:
         row["speedup_vs_fp32"] = row["decode_tokens_per_s"] / base
+    if args.perplexity_windows:
+        from transformers import AutoTokenizer
+
+        from armquant.data import load_texts, token_windows
+
+        tokenizer = AutoTokenizer.from_pretrained(dirs["fp32"])
+        windows = token_windows(tokenizer, load_texts("sotu:evaluation"), 2048, args.perplexity_windows)
+        for row in rows:
+            report = aox.ort_evaluate(dirs[row["variant"]], windows, seeds=(0,), arm_off=False, library=arm_library,
+                                      threads=args.threads)
+            row["perplexity_arm_on_seed0"] = report["rows"][0]["perplexity"]
 
     arm_config = ARMModelConfig.from_dict(json.loads((dirs["fp32"] / "arm_config.json").read_text()))
     config = arm_config.for_layer(arm_config.layers[0])
@@ -130,10 +170,12 @@ def main():
     info = provenance()
     print(f"Decode ({args.tokens} tokens after a {args.prompt}-token prompt, {args.threads} threads, "
           f"ARM via {'the library' if library else 'the ONNX function (library not built)'})")
-    print("| variant | decode tokens/s | vs fp32 |")
-    print("| --- | --- | --- |")
+    ppl = args.perplexity_windows > 0
+    print("| variant | MB | decode tokens/s | vs fp32 |" + (f" perplexity ({args.perplexity_windows} x 2048, ARM on) |" if ppl else ""))
+    print("| --- | --- | --- | --- |" + (" --- |" if ppl else ""))
     for r in rows:
-        print(f"| {r['variant']} | {r['decode_tokens_per_s']:.1f} | {r['speedup_vs_fp32']:.2f}x |")
+        print(f"| {r['variant']} | {r['megabytes']:.0f} | {r['decode_tokens_per_s']:.1f} | {r['speedup_vs_fp32']:.2f}x |"
+              + (f" {r['perplexity_arm_on_seed0']:.4f} |" if ppl else ""))
     print("\nARM node alone (median)")
     print("| shape | function fallback (ms) | library (ms) | library speedup |")
     print("| --- | --- | --- | --- |")
@@ -143,7 +185,8 @@ def main():
         print(f"| {r['shape']} | {r['function_s'] * 1e3:.3f} | {lib} | {speed} |")
     print(format_provenance(info))
     write_json(args.json, {"decode": rows, "arm_node": arm_rows, "model": args.model, "prompt": args.prompt,
-                           "tokens": args.tokens, "threads": args.threads, "library": library, **info})
+                           "tokens": args.tokens, "threads": args.threads, "library": library,
+                           "perplexity_windows": args.perplexity_windows, **info})
     print(f"wrote {args.json}")
 
 

@@ -163,7 +163,7 @@ def test_optimum_loads_and_generates_like_pytorch(exported):
 
 
 @pytest.mark.parametrize("scheme,block_size,op", [("int4", 32, "MatMulNBits"), ("int4", 128, "MatMulNBits"),
-                                                   ("int8", 128, "MatMulInteger")])
+                                                   ("int8", 128, "MatMulNBits"), ("int8-dynamic", 128, "MatMulInteger")])
 def test_ort_quantization_keeps_arm(exported, tmp_path, scheme, block_size, op):
     model, out = exported
     quantized = aox.quantize_onnx(out, tmp_path / scheme, scheme, block_size=block_size)
@@ -175,6 +175,7 @@ def test_ort_quantization_keeps_arm(exported, tmp_path, scheme, block_size, op):
     if op == "MatMulNBits":
         attrs = {a.name: a.i for n in proto.graph.node if n.op_type == op for a in n.attribute}
         assert attrs["block_size"] == block_size and attrs["accuracy_level"] == 4
+        assert attrs["bits"] == aox.SCHEMES[scheme]
     onnx.checker.check_model(proto, full_check=True)
     info = json.loads((quantized / aox.INFO_FILE).read_text())
     assert info["quantization"]["scheme"] == scheme
@@ -183,6 +184,29 @@ def test_ort_quantization_keeps_arm(exported, tmp_path, scheme, block_size, op):
     q_logits = aox.ort_logits_fn(quantized, library="none")(ids)
     f_logits = aox.ort_logits_fn(out, library="none")(ids)
     assert torch.isfinite(q_logits).all()
+    assert (q_logits - f_logits).abs().max() / f_logits.abs().max() < 0.5
+    assert not torch.equal(q_logits, f_logits)
+
+
+def zero_points(proto) -> list[bool]:
+    """For each MatMulNBits node: whether it carries zero points (its fourth input)."""
+    return [len(n.input) >= 4 and bool(n.input[3]) for n in proto.graph.node if n.op_type == "MatMulNBits"]
+
+
+def test_ort_quantization_float_lm_head_and_zero_points(exported, tmp_path):
+    model, out = exported
+    quantized = aox.quantize_onnx(out, tmp_path / "int4", "int4", block_size=32, symmetric=False, float_lm_head=True)
+    proto = onnx.load(str(quantized / aox.MODEL_FILE))
+    assert zero_points(proto) == [True] * (2 * 7)  # the head stays a float MatMul
+    head = aox.lm_head_node(proto)
+    assert head.op_type == "MatMul"
+    info = json.loads((quantized / aox.INFO_FILE).read_text())["quantization"]
+    assert info["symmetric"] is False and info["float_lm_head"] is True
+    symmetric = aox.quantize_onnx(out, tmp_path / "int4-sym", "int4")  # the defaults: symmetric, head quantized
+    assert zero_points(onnx.load(str(symmetric / aox.MODEL_FILE))) == [False] * (2 * 7 + 1)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(4))
+    q_logits = aox.ort_logits_fn(quantized, library="none")(ids)
+    f_logits = aox.ort_logits_fn(out, library="none")(ids)
     assert (q_logits - f_logits).abs().max() / f_logits.abs().max() < 0.5
     assert not torch.equal(q_logits, f_logits)
 
@@ -205,7 +229,7 @@ def tied_head_graph(folder):
     return table
 
 
-@pytest.mark.parametrize("scheme,op", [("int4", "MatMulNBits"), ("int8", "MatMulInteger")])
+@pytest.mark.parametrize("scheme,op", [("int4", "MatMulNBits"), ("int8", "MatMulNBits"), ("int8-dynamic", "MatMulInteger")])
 def test_ort_quantization_covers_a_tied_lm_head(tmp_path, scheme, op):
     import onnxruntime as ort
 
@@ -219,6 +243,20 @@ def test_ort_quantization_covers_a_tied_lm_head(tmp_path, scheme, op):
     expect = table[ids] @ table.T
     assert np.abs(logits - expect).max() / np.abs(expect).max() < 0.1
     assert not np.array_equal(logits, expect)
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8-dynamic"])
+def test_ort_quantization_float_lm_head_keeps_a_tied_head_exact(tmp_path, scheme):
+    import onnxruntime as ort
+
+    table = tied_head_graph(tmp_path / "fp32")
+    quantized = aox.quantize_onnx(tmp_path / "fp32", tmp_path / scheme, scheme, block_size=32, float_lm_head=True)
+    proto = onnx.load(str(quantized / aox.MODEL_FILE))
+    assert sorted(n.op_type for n in proto.graph.node) == ["Gather", "MatMul", "Transpose"]  # still tied: no copy
+    assert len(proto.graph.initializer) == 1
+    ids = np.array([[3, 17, 60]], np.int64)
+    logits = ort.InferenceSession(str(quantized / aox.MODEL_FILE)).run(None, {"input_ids": ids})[0]
+    np.testing.assert_allclose(logits, table[ids] @ table.T, rtol=1e-5, atol=1e-5)
 
 
 # --- Bad input ----------------------------------------------------------------------------
