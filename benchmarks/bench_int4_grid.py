@@ -15,15 +15,13 @@ import torch
 
 from armquant._io import write_json
 from armquant._provenance import format_provenance, provenance
-from armquant.quantize import int4_groupwise
+from armquant.quantize import dequantize_int4, int4_groupwise, pack_int4
 
 
 def integer_zero_grid(weight: torch.Tensor, group_size: int, symmetric: bool) -> torch.Tensor:
     """Round-to-nearest on armquant's grid, dequantized."""
     codes, scale, zero = int4_groupwise(weight, group_size, symmetric)
-    rows = weight.shape[0]
-    groups = codes.float().reshape(rows, -1, group_size)
-    return ((groups - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(rows, -1)[:, : weight.shape[1]]
+    return dequantize_int4(pack_int4(codes), scale, zero, in_features=weight.shape[1])
 
 
 def float_offset_grid(weight: torch.Tensor, group_size: int) -> torch.Tensor:
