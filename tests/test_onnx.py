@@ -262,6 +262,26 @@ def test_ort_quantization_float_lm_head_keeps_a_tied_head_exact(tmp_path, scheme
 # --- Bad input ----------------------------------------------------------------------------
 
 
+def test_ort_quantize_cli_passes_its_options(tmp_path):
+    from armquant.cli import main
+
+    tied_head_graph(tmp_path / "fp32")
+    assert main(["ort-quantize", str(tmp_path / "fp32"), str(tmp_path / "q"), "--scheme", "int8", "--asymmetric",
+                 "--float-lm-head", "--block-size", "16"]) == 0
+    info = json.loads((tmp_path / "q" / aox.INFO_FILE).read_text())["quantization"]
+    assert (info["scheme"], info["block_size"], info["symmetric"], info["float_lm_head"]) == ("int8", 16, False, True)
+
+
+def test_float_lm_head_needs_a_logits_matmul(tmp_path):
+    tied_head_graph(tmp_path / "fp32")
+    proto = onnx.load(str(tmp_path / "fp32" / aox.MODEL_FILE))
+    proto.graph.node[-1].output[0] = proto.graph.output[0].name = "scores"
+    onnx.save(proto, str(tmp_path / "fp32" / aox.MODEL_FILE))
+    with pytest.raises(ValueError, match="no MatMul computes `logits`"):
+        aox.quantize_onnx(tmp_path / "fp32", tmp_path / "q", "int4", float_lm_head=True)
+    assert not (tmp_path / "q").exists()
+
+
 def test_export_refuses_unsupported_architecture(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
