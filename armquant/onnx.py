@@ -6,6 +6,9 @@ An export is a folder that `optimum.onnxruntime.ORTModelForCausalLM` loads as it
     config.json, generation_config.json, tokenizer files, arm_config.json
     armquant.json           what was exported, and how
 
+A W4A16 checkpoint (RTN or GPTQ, act-order included) exports its own 4-bit codes as ONNX
+Runtime's MatMulNBits; other checkpoints export in float32, for `quantize_onnx` to quantize.
+
 The graph has optimum's I/O names: `input_ids`, `attention_mask`, `position_ids`,
 `past_key_values.{i}.key/value` -> `logits`, `present.{i}.key/value`, with past and present
 shaped [batch, kv_heads, length, head_dim]. Every model embeds the ONNX function for
@@ -23,6 +26,7 @@ the exporter's version pass inlines every function it finds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -141,6 +145,98 @@ def _check_exportable(model: nn.Module) -> None:
                          "quantization then makes the smaller variants")
 
 
+@contextlib.contextmanager
+def _float_weights(model: nn.Module):
+    """Yields the W4A16 linears of `model` by name while they are swapped, in place, for
+    nn.Linear holding their dequantized weights (a copy of the model would lose the hooks that
+    feed ARM its mask). The exporter traces the float linears; `_int4_as_matmul_nbits` then puts
+    the checkpoint's own codes back into the graph. Other quantized linears cannot be exported."""
+    from armquant.quantize import Int4WeightLinear, QuantizedLinear
+
+    int4 = {name: m for name, m in model.named_modules() if isinstance(m, Int4WeightLinear)}
+    other = sorted({m.kind for m in model.modules() if isinstance(m, QuantizedLinear) and not isinstance(m, Int4WeightLinear)})
+    if other:
+        raise ValueError(f"cannot export {', '.join(other)} layers: export a float32 or W4A16 (w4a16-*) checkpoint, "
+                         "or quantize the float32 export with `armquant ort-quantize`")
+    for name, m in int4.items():
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        linear.weight.data = m.dequantized_weight(torch.float32)
+        if m.bias is not None:
+            linear.bias.data = m.bias.float()
+        model.set_submodule(name, linear)
+    try:
+        yield int4
+    finally:
+        for name, m in int4.items():
+            model.set_submodule(name, m)
+
+
+def _copy(message):
+    twin = type(message)()
+    twin.CopyFrom(message)
+    return twin
+
+
+def _int4_as_matmul_nbits(proto: onnx.ModelProto, int4: dict, accuracy_level: int = 4) -> int:
+    """Replace each MatMul whose weight is a W4A16 linear's dequantized weight with MatMulNBits on
+    that linear's codes, scales and zero points (exactly its weights). Act-order linears get a
+    Gather that puts the input columns in group order first. Returns how many were replaced."""
+    from onnx import helper, numpy_helper
+
+    from armquant.quantize import pack_int4, unpack_int4
+
+    by_weight = {}
+    for m in int4.values():
+        w = m.dequantized_weight(torch.float32).t().contiguous().numpy()
+        by_weight[(w.shape, w.tobytes())] = m
+    initializers = {t.name: t for t in proto.graph.initializer}
+    nodes, replaced, used = [], 0, set()
+    for node in proto.graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
+        m = None
+        if weight is not None:
+            w = numpy_helper.to_array(weight)
+            m = by_weight.get((w.shape, w.tobytes()))
+        if m is None:
+            nodes.append(_copy(node))  # the graph's own messages are cleared with it below
+            continue
+        codes = unpack_int4(m.qweight)  # [N, Kp]
+        g, k, a = m.group_size, m.in_features, node.input[0]
+        if m.g_idx is not None:
+            order = torch.argsort(m.g_idx.long(), stable=True)  # groups become runs of g columns
+            if bool((order[:k] >= k).any()):
+                raise ValueError(f"{node.name}: act-order put padding columns among the real ones; cannot export")
+            codes = codes[:, order]
+            permuted = f"{node.name}.order"
+            proto.graph.initializer.append(numpy_helper.from_array(order[:k].numpy().astype(np.int64), permuted))
+            a = f"{node.name}.permuted_input"
+            nodes.append(helper.make_node("Gather", [node.input[0], permuted], [a], name=f"{node.name}_gather", axis=-1))
+        groups = m.scale.shape[1]
+        packed = pack_int4(codes).reshape(m.out_features, groups, g // 2)  # MatMulNBits' nibble order too
+        zero = pack_int4(m.zero if groups % 2 == 0 else torch.nn.functional.pad(m.zero, (0, 1)))
+        prefix = node.name
+        proto.graph.initializer.extend([
+            numpy_helper.from_array(packed.numpy(), f"{prefix}.qweight"),
+            numpy_helper.from_array(m.scale.float().reshape(-1).numpy(), f"{prefix}.scales"),
+            numpy_helper.from_array(zero.reshape(-1).numpy(), f"{prefix}.zero_points"),
+        ])
+        nodes.append(helper.make_node(
+            "MatMulNBits", [a, f"{prefix}.qweight", f"{prefix}.scales", f"{prefix}.zero_points"], list(node.output),
+            name=f"{node.name}_nbits", domain="com.microsoft", K=k, N=m.out_features, bits=4, block_size=g,
+            accuracy_level=accuracy_level))
+        used.add(node.input[1])
+        replaced += 1
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    still_read = {name for n in proto.graph.node for name in n.input}
+    kept = [_copy(t) for t in proto.graph.initializer if t.name not in used or t.name in still_read]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return replaced
+
+
 def _to_onnx(model: nn.Module) -> onnx.ModelProto:
     """Trace the decoder with past and return the ModelProto with the ARM function embedded."""
     config = model.config
@@ -205,21 +301,29 @@ def _versions() -> dict:
             "onnxruntime": onnxruntime.__version__}
 
 
-def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False,
+           accuracy_level: int = 4) -> Path:
     """Export an ARM model (armquant.models.load) to `out_dir` as an ONNX decoder with past.
+
+    A float32 model exports as is. A W4A16 checkpoint (`armquant quantize --scheme w4a16-*`, RTN
+    or GPTQ) exports its own codes as MatMulNBits nodes, with `accuracy_level` as in
+    `quantize_onnx` (0: float32 compute, the same logits as PyTorch's to about 1e-6).
 
     Writes model.onnx, the HF config/generation config/tokenizer and arm_config.json atomically:
     `out_dir` appears complete or not at all. An existing `out_dir` is refused unless `overwrite`.
     """
     from armquant.models import ARM_CONFIG_FILE, arm_sites
 
-    _check_exportable(model)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; choose another output directory or pass overwrite=True (--overwrite)")
     model = model.eval()
     start = time.perf_counter()
-    proto = _to_onnx(model)
+    with _float_weights(model) as int4:
+        _check_exportable(model)
+        proto = _to_onnx(model)
+    if int4 and _int4_as_matmul_nbits(proto, int4, accuracy_level) != len(int4):
+        raise RuntimeError(f"found {len(int4)} W4A16 linears but not all of their MatMuls in the exported graph")
     sites = arm_sites(model)
     found = len(arm_nodes(proto))
     enabled = sum(1 for s in sites.values() if s.arm.enabled)
@@ -242,7 +346,9 @@ def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwri
             "format": "decoder-with-past",
             "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
             "arm_nodes": [{"name": n.name, **{a.name: _attribute(a) for a in n.attribute}} for n in arm_nodes(proto)],
-            "quantization": None,
+            "quantization": {"scheme": "w4a16 (the checkpoint's codes)", "matmul_nbits": len(int4),
+                             "group_sizes": sorted({m.group_size for m in int4.values()}),
+                             "act_order": any(m.g_idx is not None for m in int4.values())} if int4 else None,
             "versions": _versions(),
         })
     log.info("exported %s in %.1f s (%d ARM nodes)", out_dir, time.perf_counter() - start, found)
@@ -410,6 +516,9 @@ def quantize_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sche
         raise FileNotFoundError(f"no {MODEL_FILE} in {model_dir}; pass a folder written by `armquant export`")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; choose another output directory or pass overwrite=True (--overwrite)")
+    info = json.loads((model_dir / INFO_FILE).read_text()) if (model_dir / INFO_FILE).is_file() else {}
+    if info.get("quantization"):
+        raise ValueError(f"{model_dir} is quantized already ({info['quantization']['scheme']}); quantize a float32 export")
     before = onnx.load(str(source), load_external_data=False)
     n_arm = len(arm_nodes(before))
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -447,7 +556,6 @@ def quantize_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sche
         if len(arm_nodes(proto)) != n_arm:
             raise RuntimeError(f"quantization changed the ARM nodes: {n_arm} before, {len(arm_nodes(proto))} after")
         _save_proto(proto, tmp)
-        info = json.loads((model_dir / INFO_FILE).read_text()) if (model_dir / INFO_FILE).is_file() else {}
         info["quantization"] = {"scheme": scheme, "source": source_name or str(model_dir), "float_lm_head": float_lm_head,
                                 **({"block_size": block_size, "accuracy_level": accuracy_level, "symmetric": symmetric}
                                    if bits else {})}
@@ -527,7 +635,7 @@ def _cmd_export(args) -> int:
             quantize_onnx(fp32, args.out_dir, args.quantize, args.block_size, args.accuracy_level, args.overwrite,
                           source_name=args.model, symmetric=not args.asymmetric, float_lm_head=args.float_lm_head)
     else:
-        export(model, args.out_dir, tokenizer, overwrite=args.overwrite)
+        export(model, args.out_dir, tokenizer, overwrite=args.overwrite, accuracy_level=args.accuracy_level)
     print(f"wrote {args.out_dir}")
     return 0
 
@@ -573,7 +681,8 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "export", help="export a model to ONNX (decoder with KV cache, ARM as armquant::ARM)",
         description="Export an ARM model to an ONNX decoder with past that ONNX Runtime and optimum's "
-        "ORTModelForCausalLM load; optionally quantize it with ONNX Runtime.",
+        "ORTModelForCausalLM load; optionally quantize it with ONNX Runtime. A W4A16 checkpoint "
+        "(RTN or GPTQ) exports its own codes as MatMulNBits.",
     )
     p.add_argument("model", help="bundled name, .gguf file or checkpoint folder")
     p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")

@@ -188,6 +188,41 @@ def test_ort_quantization_keeps_arm(exported, tmp_path, scheme, block_size, op):
     assert not torch.equal(q_logits, f_logits)
 
 
+@pytest.mark.parametrize("scheme", ["w4a16-g32-rtn", "w4a16-g16-gptq-act-order"])
+def test_export_of_a_w4a16_checkpoint_carries_its_codes(exported, tmp_path, scheme):
+    from armquant.quantize import W4A16, quantize
+
+    model = arm_model()
+    calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    quantize(model, W4A16(group_size=32, method="rtn") if "rtn" in scheme else
+             W4A16(group_size=16, method="gptq", symmetric=False), calibration)
+    out = aox.export(model, tmp_path / scheme, accuracy_level=0)
+    proto = onnx.load(str(out / aox.MODEL_FILE))
+    ops = [n.op_type for n in proto.graph.node]
+    float_ops = [n.op_type for n in onnx.load(str(exported[1] / aox.MODEL_FILE)).graph.node]
+    assert ops.count("MatMulNBits") == 2 * 7 and ops.count("MatMul") == float_ops.count("MatMul") - 2 * 7
+    assert ops.count("Gather") == float_ops.count("Gather") + (2 * 7 if "act-order" in scheme else 0)
+    info = json.loads((out / aox.INFO_FILE).read_text())["quantization"]
+    assert info["matmul_nbits"] == 2 * 7 and info["act_order"] == ("act-order" in scheme)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expect = model(ids).logits
+    logits = aox.ort_logits_fn(out, library="none")(ids)
+    assert (logits - expect).abs().max() / expect.abs().max() < 1e-5  # the same weights, float32 compute
+    assert [type(m).__name__ for m in model.modules()].count("Int4WeightLinear") == 2 * 7  # swapped back
+    with pytest.raises(ValueError, match="quantized already"):
+        aox.quantize_onnx(out, tmp_path / "twice")
+
+
+def test_export_refuses_other_quantized_layers(tmp_path):
+    from armquant.quantize import quantize
+
+    model = quantize(arm_model(), "w8a16")
+    with pytest.raises(ValueError, match="cannot export int8_weight layers"):
+        aox.export(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def zero_points(proto) -> list[bool]:
     """For each MatMulNBits node: whether it carries zero points (its fourth input)."""
     return [len(n.input) >= 4 and bool(n.input[3]) for n in proto.graph.node if n.op_type == "MatMulNBits"]
