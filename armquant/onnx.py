@@ -203,14 +203,22 @@ def _int4_as_matmul_nbits(proto: onnx.ModelProto, int4: dict, accuracy_level: in
         codes = unpack_int4(m.qweight)  # [N, Kp]
         g, k, a = m.group_size, m.in_features, node.input[0]
         if m.g_idx is not None:
-            order = torch.argsort(m.g_idx.long(), stable=True)  # groups become runs of g columns
-            if bool((order[:k] >= k).any()):
-                raise ValueError(f"{node.name}: act-order put padding columns among the real ones; cannot export")
+            # Input columns in group order, so that each group is a block of g columns. GPTQ may
+            # put the padding columns anywhere: those read one zero column appended to the input.
+            order = torch.argsort(m.g_idx.long(), stable=True)
             codes = codes[:, order]
-            permuted = f"{node.name}.order"
-            proto.graph.initializer.append(numpy_helper.from_array(order[:k].numpy().astype(np.int64), permuted))
-            a = f"{node.name}.permuted_input"
-            nodes.append(helper.make_node("Gather", [node.input[0], permuted], [a], name=f"{node.name}_gather", axis=-1))
+            if bool((order[:k] >= k).any()):
+                padded = f"{node.name}.padded_input"
+                proto.graph.initializer.extend([numpy_helper.from_array(np.array([0, 1], np.int64), f"{node.name}.pads"),
+                                                numpy_helper.from_array(np.array([-1], np.int64), f"{node.name}.pad_axis")])
+                nodes.append(helper.make_node("Pad", [a, f"{node.name}.pads", "", f"{node.name}.pad_axis"], [padded],
+                                              name=f"{node.name}_pad"))
+                a, k = padded, codes.shape[1]
+            gathered = f"{node.name}.permuted_input"
+            proto.graph.initializer.append(numpy_helper.from_array(order[:k].clamp(max=m.in_features).numpy().astype(np.int64),
+                                                                   f"{node.name}.order"))
+            nodes.append(helper.make_node("Gather", [a, f"{node.name}.order"], [gathered], name=f"{node.name}_gather", axis=-1))
+            a = gathered
         groups = m.scale.shape[1]
         packed = pack_int4(codes).reshape(m.out_features, groups, g // 2)  # MatMulNBits' nibble order too
         zero = pack_int4(m.zero if groups % 2 == 0 else torch.nn.functional.pad(m.zero, (0, 1)))

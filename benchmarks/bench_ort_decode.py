@@ -4,7 +4,7 @@ library vs the ONNX function fallback. Side by side, as ratios; with --perplexit
 variant's perplexity too.
 
     python benchmarks/bench_ort_decode.py MODEL [--work /tmp/armquant-bench] [--prompt 64] [--tokens 64]
-        [--threads 2] [--library auto|PATH] [--perplexity-windows N] [--json benchmarks/results/ort_decode.json]
+        [--threads 2] [--library auto|PATH] [--extra NAME=DIR] [--perplexity-windows N] [--json ...]
 
 MODEL: bundled name or checkpoint folder. Exports (and their quantized variants) are made once
 in --work and reused. Decode speed: greedy steps of one token with the KV cache after a prompt
@@ -126,21 +126,28 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--library", default=runtime.LIBRARY_AUTO, help="ARM custom-op library: auto (the built one) or a path")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME=DIR",
+                        help="another export to measure beside the variants, e.g. of a W4A16 checkpoint (repeatable)")
     parser.add_argument("--perplexity-windows", type=int, default=0,
                         help="also the perplexity of each variant over this many windows (default 0: skip)")
     parser.add_argument("--json", default="benchmarks/results/ort_decode.json")
     args = parser.parse_args()
 
     dirs = prepare(args.model, Path(args.work))
+    for extra in args.extra:
+        name, _, folder = extra.partition("=")
+        if not (Path(folder) / aox.MODEL_FILE).is_file():
+            raise SystemExit(f"error: --extra {extra}: no {aox.MODEL_FILE} in {folder!r}; pass NAME=DIR of an `armquant export`")
+        dirs[name] = Path(folder)
     library = runtime.custom_op_library(args.library)
     arm_library = library or runtime.LIBRARY_NONE
     decoders = {name: aox.DecoderSession(runtime.session(dirs[name], library=arm_library, threads=args.threads))
-                for name in VARIANTS}
+                for name in dirs}
     best = {name: float("inf") for name in decoders}
     for _ in range(args.repeats):  # interleaved, so load changes on the machine hit every variant alike
         for name, decoder in decoders.items():
             best[name] = min(best[name], decode_once(decoder, args.prompt, args.tokens))
-    rows = [{"variant": name, "megabytes": megabytes(dirs[name]), "quantize_onnx": VARIANTS[name],
+    rows = [{"variant": name, "megabytes": megabytes(dirs[name]), "quantize_onnx": VARIANTS.get(name), "folder": str(dirs[name]),
              "decode_tokens_per_s": args.tokens / seconds} for name, seconds in best.items()]
     base = rows[0]["decode_tokens_per_s"]
     for row in rows:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import bundled_available, tiny_model
+from conftest import bundled_available, tiny_config, tiny_model
 
 from armquant import onnx as aox
 from armquant import runtime
@@ -188,22 +188,22 @@ def test_ort_quantization_keeps_arm(exported, tmp_path, scheme, block_size, op):
     assert not torch.equal(q_logits, f_logits)
 
 
-@pytest.mark.parametrize("scheme", ["w4a16-g32-rtn", "w4a16-g16-gptq-act-order"])
+@pytest.mark.parametrize("scheme", ["rtn-g32", "rtn-g128", "gptq-g16", "gptq-g128"])  # g128 pads the 64-wide layers
 def test_export_of_a_w4a16_checkpoint_carries_its_codes(exported, tmp_path, scheme):
     from armquant.quantize import W4A16, quantize
 
     model = arm_model()
     calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
-    quantize(model, W4A16(group_size=32, method="rtn") if "rtn" in scheme else
-             W4A16(group_size=16, method="gptq", symmetric=False), calibration)
+    method, group = scheme.split("-g")
+    quantize(model, W4A16(group_size=int(group), method=method, symmetric=method == "rtn"), calibration)
     out = aox.export(model, tmp_path / scheme, accuracy_level=0)
     proto = onnx.load(str(out / aox.MODEL_FILE))
     ops = [n.op_type for n in proto.graph.node]
     float_ops = [n.op_type for n in onnx.load(str(exported[1] / aox.MODEL_FILE)).graph.node]
     assert ops.count("MatMulNBits") == 2 * 7 and ops.count("MatMul") == float_ops.count("MatMul") - 2 * 7
-    assert ops.count("Gather") == float_ops.count("Gather") + (2 * 7 if "act-order" in scheme else 0)
+    assert ops.count("Gather") == float_ops.count("Gather") + (2 * 7 if method == "gptq" else 0)  # act-order
     info = json.loads((out / aox.INFO_FILE).read_text())["quantization"]
-    assert info["matmul_nbits"] == 2 * 7 and info["act_order"] == ("act-order" in scheme)
+    assert info["matmul_nbits"] == 2 * 7 and info["act_order"] == (method == "gptq")
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expect = model(ids).logits
@@ -212,6 +212,30 @@ def test_export_of_a_w4a16_checkpoint_carries_its_codes(exported, tmp_path, sche
     assert [type(m).__name__ for m in model.modules()].count("Int4WeightLinear") == 2 * 7  # swapped back
     with pytest.raises(ValueError, match="quantized already"):
         aox.quantize_onnx(out, tmp_path / "twice")
+
+
+def test_export_of_act_order_with_padding_columns_among_the_groups(tmp_path):
+    """48-wide layers in groups of 32 carry 16 padding columns; GPTQ may give them any group."""
+    from transformers import AutoModelForCausalLM
+
+    from armquant.quantize import W4A16, Int4WeightLinear, quantize
+
+    config = tiny_config("llama")
+    config.hidden_size, config.head_dim = 48, 12
+    torch.manual_seed(0)
+    model = apply_arm(AutoModelForCausalLM.from_config(config).eval(), ARMModelConfig.preset("llama-3.1"))
+    quantize(model, W4A16(group_size=32, method="gptq"), torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1)))
+    for m in model.modules():
+        if isinstance(m, Int4WeightLinear) and m.in_features == 48:  # a real column and a padding one swap groups
+            real = int((m.g_idx[:48] != m.g_idx[48]).nonzero()[0])
+            m.g_idx[real], m.g_idx[48] = m.g_idx[48].clone(), m.g_idx[real].clone()
+    out = aox.export(model, tmp_path / "out", accuracy_level=0)
+    assert [n.op_type for n in onnx.load(str(out / aox.MODEL_FILE)).graph.node].count("Pad") == 2 * 6
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expect = model(ids).logits
+    logits = aox.ort_logits_fn(out, library="none")(ids)
+    assert (logits - expect).abs().max() / expect.abs().max() < 1e-5
 
 
 def test_export_refuses_other_quantized_layers(tmp_path):
