@@ -27,6 +27,7 @@ the exporter's version pass inlines every function it finds.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -185,18 +186,17 @@ def _int4_as_matmul_nbits(proto: onnx.ModelProto, int4: dict, accuracy_level: in
 
     from armquant.quantize import pack_int4, unpack_int4
 
-    by_weight = {}
-    for m in int4.values():
-        w = m.dequantized_weight(torch.float32).t().contiguous().numpy()
-        by_weight[(w.shape, w.tobytes())] = m
+    def fingerprint(w: np.ndarray):  # a digest, not the bytes: a large model's weights would not fit twice
+        return w.shape, hashlib.blake2b(np.ascontiguousarray(w).tobytes(), digest_size=16).digest()
+
+    by_weight = {fingerprint(m.dequantized_weight(torch.float32).t().numpy()): m for m in int4.values()}
     initializers = {t.name: t for t in proto.graph.initializer}
     nodes, replaced, used = [], 0, set()
     for node in proto.graph.node:
         weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
         m = None
         if weight is not None:
-            w = numpy_helper.to_array(weight)
-            m = by_weight.get((w.shape, w.tobytes()))
+            m = by_weight.get(fingerprint(numpy_helper.to_array(weight)))
         if m is None:
             nodes.append(_copy(node))  # the graph's own messages are cleared with it below
             continue
