@@ -188,6 +188,15 @@ def test_ort_quantization_keeps_arm(exported, tmp_path, scheme, block_size, op):
     assert not torch.equal(q_logits, f_logits)
 
 
+def ort_error_against_pytorch(model, out) -> float:
+    """max |ONNX Runtime logits - PyTorch logits| / max |PyTorch logits| on a fixed batch."""
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expect = model(ids).logits
+    logits = aox.ort_logits_fn(out, library="none")(ids)
+    return float((logits - expect).abs().max() / expect.abs().max())
+
+
 @pytest.mark.parametrize("scheme", ["rtn-g32", "rtn-g128", "gptq-g16", "gptq-g128"])  # g128 pads the 64-wide layers
 def test_export_of_a_w4a16_checkpoint_carries_its_codes(exported, tmp_path, scheme):
     from armquant.quantize import W4A16, quantize
@@ -204,11 +213,7 @@ def test_export_of_a_w4a16_checkpoint_carries_its_codes(exported, tmp_path, sche
     assert ops.count("Gather") == float_ops.count("Gather") + (2 * 7 if method == "gptq" else 0)  # act-order
     info = json.loads((out / aox.INFO_FILE).read_text())["quantization"]
     assert info["matmul_nbits"] == 2 * 7 and info["act_order"] == (method == "gptq")
-    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        expect = model(ids).logits
-    logits = aox.ort_logits_fn(out, library="none")(ids)
-    assert (logits - expect).abs().max() / expect.abs().max() < 1e-5  # the same weights, float32 compute
+    assert ort_error_against_pytorch(model, out) < 1e-5  # the same weights, float32 compute
     assert [type(m).__name__ for m in model.modules()].count("Int4WeightLinear") == 2 * 7  # swapped back
     with pytest.raises(ValueError, match="quantized already"):
         aox.quantize_onnx(out, tmp_path / "twice")
@@ -231,11 +236,7 @@ def test_export_of_act_order_with_padding_columns_among_the_groups(tmp_path):
             m.g_idx[real], m.g_idx[48] = m.g_idx[48].clone(), m.g_idx[real].clone()
     out = aox.export(model, tmp_path / "out", accuracy_level=0)
     assert [n.op_type for n in onnx.load(str(out / aox.MODEL_FILE)).graph.node].count("Pad") == 2 * 6
-    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        expect = model(ids).logits
-    logits = aox.ort_logits_fn(out, library="none")(ids)
-    assert (logits - expect).abs().max() / expect.abs().max() < 1e-5
+    assert ort_error_against_pytorch(model, out) < 1e-5
 
 
 def test_export_refuses_other_quantized_layers(tmp_path):
