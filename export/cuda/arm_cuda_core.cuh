@@ -1,6 +1,6 @@
-// The arithmetic of the ARM op (docs/arm-op-spec.md) shared by the CUDA kernels and by their
-// host emulation (tests/test_arm_cuda_emulation.py): dtype keys, Philox, the per-group
-// formulas and the radix-select digit step. Everything here is __host__ __device__ and rounds
+// The arithmetic of the ARM op (docs/arm-op-spec.md) shared by the CUDA kernels and the host
+// (the CPU simulator of tests/test_arm_cuda_sim.py builds it there): dtype keys, Philox, the
+// per-group formulas and the radix-select digit step. Everything here is __host__ __device__ and rounds
 // each float operation once (explicit _rn intrinsics on the device), so no FMA contraction can
 // make the GPU differ from the reference.
 #pragma once

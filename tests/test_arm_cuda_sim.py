@@ -1,0 +1,292 @@
+"""The CUDA kernels themselves, run on the CPU by a simulator, against the reference bit for bit.
+
+tests and CI have no GPU. export/cuda/sim/cuda_sim.h runs arm_cuda.cu's kernels as written:
+each block's threads are fibers that meet at __syncthreads and at the warp collectives, blocks
+and threads run in shuffled orders, and cub's block scan and reduce are stood in for. The
+source is compiled with the host compiler after two mechanical rewrites (kernel launches and
+`extern __shared__` arrays), so indexing, chunking, tie offsets, shared-memory staging and
+warp-level code are all exercised, including which plan (hist16 or radix) a shape gets. What
+the simulator cannot check, races it happens to order away, memory errors and speed, is left to
+benchmarks/gpu_check.sh on a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from armquant.arm import PRESETS, ARMConfig, arm_reference
+from armquant._native import KernelAttrs
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_DIR = ROOT / "export" / "cuda"
+SIM_DIR = CUDA_DIR / "sim"
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+KERNEL_LAUNCH = re.compile(r"((?:\w+::)*[A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<(.*?)>>>\(")
+DYNAMIC_SHARED = re.compile(r"extern __shared__ (\w+) (\w+)\[\];")
+
+
+def compile_for_simulator(source: Path, out_dir: Path, name: str, harness: str = "") -> ctypes.CDLL:
+    """Rewrites launches and dynamic shared arrays for cuda_sim.h and builds a shared library.
+
+    `harness` is CUDA source appended to the file, to launch one of its kernels directly."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip(f"no C++ compiler (g++) to build {source.name} for the CUDA simulator")
+    text = KERNEL_LAUNCH.sub(r"::sim::Launch(\2)(\1, ", source.read_text() + harness)
+    text = DYNAMIC_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(::sim::dynamic_shared());", text)
+    assert "<<<" not in text and "extern __shared__" not in text, f"{source}: a construct the rewrite missed"
+    rewritten = out_dir / f"{name}.cpp"
+    rewritten.write_text(f'#line 1 "{source}"\n{text}')  # compiler messages point at the real file
+    lib = out_dir / f"lib{name}.so"
+    built = subprocess.run(
+        [compiler, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-I", str(SIM_DIR / "include"),
+         "-I", str(source.parent), "-include", str(SIM_DIR / "cuda_sim.h"), "-o", str(lib), str(rewritten)],
+        capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, f"{source.name} does not build for the simulator:\n{built.stderr[-4000:]}"
+    built = ctypes.CDLL(str(lib))
+    built.armq_sim_error.restype = ctypes.c_char_p
+    return built
+
+
+# k_tie_scan on its own: the ARM cases would need more than 256 chunks (8M elements) a group to
+# reach its second iteration.
+TIE_SCAN_HARNESS = """
+extern "C" void sim_tie_scan(const uint32_t* ties, unsigned long long* offset, int64_t G, int64_t chunks,
+                             const int* split) {
+  std::vector<armq::GroupState> st(G);
+  for (int64_t g = 0; g < G; ++g) {
+    st[g] = armq::GroupState{};
+    st[g].n = split[g] ? 1 : 0;  // takes_some_ties: n > 0 and need (0) < ties (1)
+    st[g].ties = 1;
+  }
+  armq::k_tie_scan<<<(unsigned)G, armq::kThreads>>>(st.data(), ties, offset, chunks);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    lib = compile_for_simulator(CUDA_DIR / "arm_cuda.cu", tmp_path_factory.mktemp("sim"), "arm_cuda_sim",
+                                TIE_SCAN_HARNESS)
+    lib.armq_cuda_workspace_bytes.restype = ctypes.c_size_t
+    lib.armq_cuda_workspace_bytes.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    lib.armq_cuda_forward.argtypes = (
+        [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3
+        + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+           ctypes.c_void_p])
+    return lib
+
+
+def simulate(lib, x, mask, positions, config):
+    """armq_cuda_forward on CPU tensors, through the simulator; fails the test on any simulator error."""
+    x3 = x.contiguous().reshape(-1, *x.shape[-2:]) if x.dim() == 3 else x.reshape(1, *x.shape)
+    B, S, I = x3.shape
+    y = torch.empty_like(x3)
+    mask_type = 0
+    if mask is not None:
+        mask = mask.to(torch.uint8 if mask.dtype == torch.bool else torch.int64).contiguous()
+        mask_type = 1 if mask.dtype == torch.uint8 else 2
+    if positions is not None:
+        positions = positions.to(torch.int64).contiguous()
+    attrs = KernelAttrs.of(config)
+    dtype = DTYPES[x.dtype]
+    nbytes = lib.armq_cuda_workspace_bytes(dtype, B, S, I, ctypes.byref(attrs))
+    # Garbage, not zeros: the kernels must zero what they rely on.
+    workspace = torch.full((max(nbytes, 1),), 0xA5, dtype=torch.uint8)
+    lib.armq_sim_reset()
+    rc = lib.armq_cuda_forward(
+        dtype, x3.data_ptr(), y.data_ptr(), B, S, I, mask.data_ptr() if mask is not None else None, mask_type,
+        positions.data_ptr() if positions is not None else None, ctypes.byref(attrs), workspace.data_ptr(), nbytes,
+        None)
+    error = lib.armq_sim_error().decode()
+    assert rc == 0 and not error, f"armq_cuda_forward returned {rc}: {error}"
+    return y.reshape(x.shape)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({torch.float32: torch.int32}.get(t.dtype, torch.int16))
+
+
+def cases(dtype, seed):
+    """(name, x, mask, positions): shapes, ties, signed zeros, non-finite values, masks."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *s: torch.randn(*s, generator=g)
+    out = [
+        ("normal", randn(2, 3, 37), None, None),
+        ("one element", randn(1, 1, 1), None, None),
+        ("one channel", randn(2, 5, 1), None, None),
+        ("silu", torch.nn.functional.silu(randn(2, 4, 96) * 2), None, None),
+        ("negative only", -randn(2, 3, 20).abs() - 0.01, None, None),
+        ("zeros both signs", torch.where(randn(2, 3, 16) > 0, 0.0, -0.0), None, None),
+        ("few values", torch.tensor([-1.0, -0.5, -0.0, 0.0, 0.5, 1.0, 2.0])[
+            torch.randint(0, 7, (2, 4, 33), generator=g)], None, None),
+    ]
+    x = randn(2, 3, 24)
+    x[0, 1, 3], x[1, 2, 0], x[1, 0, 5], x[0, 0, 0] = float("nan"), float("inf"), -float("inf"), float("nan")
+    out.append(("non-finite", x, None, None))
+    out.append(("all non-finite row", torch.full((2, 2, 5), float("nan")), None, None))
+    mask = torch.rand(3, 4, generator=g) > 0.3
+    mask[1] = False
+    out.append(("bool mask, masked row", randn(3, 4, 19), mask, None))
+    out.append(("int64 mask", randn(2, 5, 13), (torch.rand(2, 5, generator=g) > 0.5).long(), None))
+    positions = torch.randint(-(2**40), 2**40, (2, 3), generator=g)
+    out.append(("positions", randn(2, 3, 29), None, positions))
+    out.append(("rank 2", randn(6, 11), None, None))
+    x = randn(2, 3, 41) * 1e-3
+    x[0, 0, :5] = 6e4  # large values near float16's limit
+    out.append(("wide range", x, None, None))
+    return [(name, x.to(dtype), m, p) for name, x, m, p in out]
+
+
+CONFIGS = [
+    PRESETS["qwen2.5"],
+    PRESETS["llama-3.1"],
+    PRESETS["gemma-3"],
+    ARMConfig(k=4.0, pmin=0.0, pmax=1.0, p1=0.0, seed=2**62 + 12345),
+    ARMConfig(c=0.5, share="fixed", p1=100.0, percentile_of="signed", seed=7),
+    ARMConfig(c=1.0, share="fixed", p1=37.3, percentile_of="abs"),
+]
+
+
+
+def assert_bit_exact(lib, name, x, mask, positions, config):
+    want = arm_reference(x, mask, positions, config)
+    got = simulate(lib, x, mask, positions, config)
+    mismatch = (bits(got) != bits(want)).sum().item()
+    assert mismatch == 0, f"{name}, {config}: {mismatch} elements differ"
+    return want
+
+
+@pytest.mark.parametrize("scope", ["tensor", "sequence", "token"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=lambda d: str(d).removeprefix("torch."))
+def test_kernels_match_reference(simulated, dtype, scope):
+    for c, config in enumerate(CONFIGS):
+        config = config.replace(scope=scope)
+        for name, x, mask, positions in cases(dtype, seed=c):
+            assert_bit_exact(simulated, name, x, mask, positions, config)
+
+
+def tie_heavy(shape, generator):
+    """Values on a few levels: the threshold falls inside a class of ties almost surely."""
+    levels = torch.tensor([-2.0, -0.5, -0.25, 0.25, 0.5, 1.0, 3.0])
+    return levels[torch.randint(0, len(levels), shape, generator=generator)]
+
+
+# Shapes past one block: several hist16 blocks per group (more than 57344 elements), several
+# output chunks per group (more than 32768) with the threshold's ties split across chunks,
+# unaligned groups (length not a multiple of the vector width), and more than 64 groups, which
+# sends 16-bit data to the radix plan.
+LARGE = [
+    ("hist16, 2 blocks, 3 chunks, unaligned, ties", torch.bfloat16, (1, 7, 10007), "sequence", True),
+    ("hist16, 2 chunks a group, aligned", torch.float16, (2, 5, 8192), "sequence", False),
+    ("radix float32, 3 chunks, ties", torch.float32, (1, 3, 30001), "tensor", True),
+    ("radix float16, 80 token groups", torch.float16, (2, 40, 9), "token", False),
+    ("radix bfloat16, 100 token groups, ties", torch.bfloat16, (1, 100, 700), "token", True),
+]
+
+
+@pytest.mark.parametrize("name,dtype,shape,scope,ties", LARGE, ids=[case[0] for case in LARGE])
+def test_kernels_match_reference_past_one_block(simulated, name, dtype, shape, scope, ties):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = tie_heavy(shape, g) if ties else torch.nn.functional.silu(torch.randn(*shape, generator=g) * 2)
+    x = x.to(dtype)
+    config = PRESETS["llama-3.1"].replace(scope=scope)
+    want = assert_bit_exact(simulated, name, x, None, None, config)
+    if ties:  # the case must split the threshold's ties, or it would not test the tie offsets
+        a = x.float().abs().reshape(-1, x.shape[-1] if scope == "token" else x[0].numel())
+        moved = (bits(want) != bits(x)).reshape(a.shape)
+        split = [(moved[g][a[g] == a[g][moved[g]].max()]) for g in range(a.shape[0]) if moved[g].any()]
+        assert any(m.any() and not m.all() for m in split)
+
+
+def test_tie_scan_over_many_chunks(simulated):
+    G, chunks = 3, 600
+    rng = np.random.default_rng(0)
+    ties = rng.integers(0, 5000, size=(G, chunks), dtype=np.uint32)
+    split = np.array([1, 0, 1], dtype=np.int32)
+    offset = np.full((G, chunks), 7, dtype=np.uint64)
+    simulated.armq_sim_reset()
+    simulated.sim_tie_scan(ties.ctypes.data_as(ctypes.c_void_p), offset.ctypes.data_as(ctypes.c_void_p),
+                           ctypes.c_int64(G), ctypes.c_int64(chunks), split.ctypes.data_as(ctypes.c_void_p))
+    assert simulated.armq_sim_error() == b""
+    exclusive = np.cumsum(ties, axis=1, dtype=np.uint64) - ties
+    np.testing.assert_array_equal(offset[0], exclusive[0])
+    np.testing.assert_array_equal(offset[2], exclusive[2])
+    assert (offset[1] == 7).all()  # a group that takes all or none of its ties needs no offsets
+
+
+def test_kernels_change_values(simulated):
+    # Guard against a vacuous pass: the op must move some elements on ordinary input.
+    x = torch.randn(2, 4, 64).to(torch.bfloat16)
+    y = simulate(simulated, x, None, None, PRESETS["llama-3.1"])
+    assert (bits(y) != bits(x)).sum().item() > 0
+
+
+def test_philox_known_answer_through_uniform(simulated):
+    # The spec's first known answer (counter 0, key 0) gives u = (0x6627e8d5 >> 8) * 2^-24 for
+    # channel 0, position 0, seed 0; a selected positive element becomes u * Qp. With N = 1 the
+    # element is selected and Qp is the element itself.
+    x = torch.tensor([[[3.0]]])
+    y = simulate(simulated, x, None, None, ARMConfig())
+    u = np.float32((0x6627E8D5 >> 8) * 2.0**-24)
+    assert y.item() == float(np.float32(u * np.float32(3.0)))
+
+
+# The simulator must be able to fail: kernels with the mistakes it exists to catch.
+FAULTY_KERNELS = r"""
+__global__ void rotate(int* out, int sync) {
+  __shared__ int v[256];
+  int t = threadIdx.x;
+  v[t] = t;
+  if (sync) __syncthreads();
+  out[t] = v[(t + 1) % 256];
+}
+__global__ void divergent_barrier(int* out) {
+  if (threadIdx.x < 100) __syncthreads();
+  out[threadIdx.x] = 1;
+}
+__global__ void divergent_shuffle(int* out) {
+  int v = threadIdx.x;
+  if (threadIdx.x % 32 < 16) v = __shfl_xor_sync(0xFFFFFFFFu, v, 1);
+  out[threadIdx.x] = v;
+}
+extern "C" void run_rotate(int* out, int sync) { rotate<<<1, 256>>>(out, sync); }
+extern "C" void run_divergent_barrier(int* out) { divergent_barrier<<<1, 256>>>(out); }
+extern "C" void run_divergent_shuffle(int* out) { divergent_shuffle<<<1, 64>>>(out); }
+"""
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("sim_faulty")
+    source = out_dir / "faulty.cu"
+    source.write_text(FAULTY_KERNELS)
+    return compile_for_simulator(source, out_dir, "faulty")
+
+
+def test_simulator_catches_a_missing_barrier(faulty):
+    out = np.zeros(256, dtype=np.int32)
+    for sync in (1, 0):
+        faulty.armq_sim_reset()
+        out[:] = -1
+        faulty.run_rotate(out.ctypes.data_as(ctypes.c_void_p), sync)
+        assert faulty.armq_sim_error() == b""
+        right = (out == (np.arange(256) + 1) % 256).all()
+        assert right == bool(sync), "with the barrier the rotation is exact; without it some thread reads early"
+
+
+@pytest.mark.parametrize("kernel,message", [
+    ("run_divergent_barrier", "divergent code"), ("run_divergent_shuffle", "warp collective")])
+def test_simulator_reports_divergent_collectives(faulty, kernel, message):
+    out = np.zeros(256, dtype=np.int32)
+    faulty.armq_sim_reset()
+    getattr(faulty, kernel)(out.ctypes.data_as(ctypes.c_void_p))
+    assert message in faulty.armq_sim_error().decode()
