@@ -7,6 +7,11 @@ PyTorch binding takes). Prints progress, a table last, and writes gpu_check.json
 targets are reported, not enforced.
 
     python benchmarks/gpu_check.py --lib build/gpu_check/libarmquant_cuda.so [--quick]
+        [--baseline-lib build/cuda_baseline/libarmquant_cuda.so]
+
+--baseline-lib names a build of an earlier kernel (benchmarks/build_cuda_baseline.sh makes one
+from a git revision): it is timed side by side with the new one in this process, its output is
+compared with the new one's bit for bit, and the table gains a "new/base" column.
 """
 
 from __future__ import annotations
@@ -318,8 +323,11 @@ def graph_time_ms(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
-def timing(kernel: CudaARM, shapes, quick: bool, hidden: int = 4096) -> list[dict]:
-    """Llama-3.1-8B's MLP: hidden 4096, intermediate I (14336) = the ARM tensor's last dim."""
+def timing(kernel: CudaARM, shapes, quick: bool, baseline: CudaARM | None = None, hidden: int = 4096) -> list[dict]:
+    """Llama-3.1-8B's MLP: hidden 4096, intermediate I (14336) = the ARM tensor's last dim.
+
+    With a baseline kernel, new and baseline graphs are timed alternately (new, base, new, base)
+    and each keeps its best, so that clock and thermal drift fall on both."""
     rows = []
     inter = shapes[0][2]
     w_gate = torch.randn(hidden, inter, device=DEVICE, dtype=torch.bfloat16) * 0.02
@@ -346,10 +354,23 @@ def timing(kernel: CudaARM, shapes, quick: bool, hidden: int = 4096) -> list[dic
                              ("qwen2.5 token", PRESETS["qwen2.5"].replace(scope="token"))]:
             y, args, keep = kernel.prepare(x, None, None, config)
             eager = cuda_time_ms(lambda: kernel.launch(args), iters)
-            graphed = graph_time_ms(lambda: kernel.launch(args), iters)
-            rows.append({"shape": list(shape), "op": f"ARM CUDA {name}", "eager_ms": eager, "graph_ms": graphed,
-                         "elementwise_ms": elementwise, "mlp_matmuls_ms": matmuls})
-            log(f"timing {list(shape)} {name}: eager {eager:.4f} ms, graph {graphed:.4f} ms")
+            row = {"shape": list(shape), "op": f"ARM CUDA {name}", "eager_ms": eager,
+                   "elementwise_ms": elementwise, "mlp_matmuls_ms": matmuls}
+            if baseline is None:
+                row["graph_ms"] = graph_time_ms(lambda: kernel.launch(args), iters)
+            else:
+                base_y, base_args, base_keep = baseline.prepare(x, None, None, config)
+                new_times, base_times = [], []
+                for _ in range(2):
+                    new_times.append(graph_time_ms(lambda: kernel.launch(args), iters))
+                    base_times.append(graph_time_ms(lambda: baseline.launch(base_args), iters))
+                row["graph_ms"], row["baseline_graph_ms"] = min(new_times), min(base_times)
+                row["baseline_output_equal"] = bool(torch.equal(bits(y), bits(base_y)))
+                del base_y, base_args, base_keep
+            rows.append(row)
+            log(f"timing {list(shape)} {name}: eager {eager:.4f} ms, graph {row['graph_ms']:.4f} ms"
+                + (f", baseline graph {row['baseline_graph_ms']:.4f} ms, outputs equal {row['baseline_output_equal']}"
+                   if baseline is not None else ""))
             del y, args, keep
         # benchmarks/published_arm.py, with its Llama-3.1 settings (a host sync per call: wall time).
         reps = 1 if quick else 2
@@ -369,7 +390,7 @@ def timing(kernel: CudaARM, shapes, quick: bool, hidden: int = 4096) -> list[dic
     return rows
 
 
-def kernel_breakdown(kernel: CudaARM, shapes) -> list[dict]:
+def kernel_breakdown(kernel: CudaARM, shapes, label: str = "new") -> list[dict]:
     """GPU time per kernel of the op (torch.profiler / CUPTI), to show where the time goes."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -386,10 +407,10 @@ def kernel_breakdown(kernel: CudaARM, shapes) -> list[dict]:
         for event in prof.key_averages():
             total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
             if total:
-                rows.append({"shape": list(shape), "kernel": event.key[:60], "us_per_call": total / 5})
+                rows.append({"build": label, "shape": list(shape), "kernel": event.key[:60], "us_per_call": total / 5})
         del x, args, keep
     for r in rows:
-        log(f"breakdown {r['shape']} {r['kernel']}: {r['us_per_call']:.1f} us")
+        log(f"breakdown {label} {r['shape']} {r['kernel']}: {r['us_per_call']:.1f} us")
     return rows
 
 
@@ -408,12 +429,15 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_check.json (default $OUT)")
     parser.add_argument("--seed", type=int, default=int(time.time()) % 2**31, help="seed of the fresh random inputs")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
+    parser.add_argument("--baseline-lib", help="an earlier build of the kernel to time side by side")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("ERROR: torch sees no CUDA device; this check needs a GPU", flush=True)
         return 2
     kernel = CudaARM(args.lib)
-    result = {"provenance": provenance(), "torch_cuda": torch.version.cuda, "seed": args.seed, "library": args.lib}
+    baseline = CudaARM(args.baseline_lib) if args.baseline_lib else None
+    result = {"provenance": provenance(), "torch_cuda": torch.version.cuda, "seed": args.seed, "library": args.lib,
+              "baseline_library": args.baseline_lib}
     log(f"device {result['provenance']['gpu']}, torch {torch.__version__} (CUDA {torch.version.cuda}), seed {args.seed}")
 
     bench_shapes = BENCH_SHAPES[:1] if args.quick else BENCH_SHAPES
@@ -425,8 +449,9 @@ def main() -> int:
             kernel, args.seed + 1, bench_shapes,
             [("qwen2.5 sequence", PRESETS["qwen2.5"]), ("llama-3.1 token", PRESETS["llama-3.1"].replace(scope="token")),
              ("gemma-3 tensor", PRESETS["gemma-3"].replace(scope="tensor"))])),
-        ("timing", False, lambda: timing(kernel, bench_shapes, args.quick)),
-        ("breakdown", False, lambda: kernel_breakdown(kernel, bench_shapes)),
+        ("timing", False, lambda: timing(kernel, bench_shapes, args.quick, baseline)),
+        ("breakdown", False, lambda: kernel_breakdown(kernel, bench_shapes) + (
+            kernel_breakdown(baseline, bench_shapes, "baseline") if baseline is not None else [])),
     ]
     ok = True
     for name, required, run in sections:  # required: counts towards the exit status
@@ -465,12 +490,19 @@ def main() -> int:
     rows = result.get("timing", [])
     if isinstance(rows, list) and rows:
         print("bfloat16 timing in ms (graph = replayed CUDA graph, GPU time only; eager includes launches)")
-        print(f"{'shape':>16} {'op':<24} {'eager':>8} {'graph':>8} {'x elemwise':>10} {'published/':>10} {'% of MLP':>9}")
+        base = baseline is not None
+        print(f"{'shape':>16} {'op':<24} {'eager':>8} {'graph':>8} {'x elemwise':>10} {'published/':>10} {'% of MLP':>9}"
+              + (f" {'new/base':>9}" if base else ""))
         print(f"{'':>16} {'':<24} {'':>8} {'':>8} {'(<= 3)':>10} {'(>= 50)':>10} {'(< 2)':>9}")
         for r in rows:
             print(f"{'x'.join(map(str, r['shape'])):>16} {r['op'][9:]:<24} {r['eager_ms']:8.4f} {r['graph_ms']:8.4f} "
                   f"{r['graph_ms'] / r['elementwise_ms']:10.2f} {r.get('published_ms', float('nan')) / r['eager_ms']:10.0f} "
-                  f"{100 * r['graph_ms'] / r['mlp_matmuls_ms']:9.2f}")
+                  f"{100 * r['graph_ms'] / r['mlp_matmuls_ms']:9.2f}"
+                  + (f" {r['graph_ms'] / r['baseline_graph_ms']:9.2f}" if base else ""))
+        if base:
+            equal = all(r["baseline_output_equal"] for r in rows)
+            print(f"baseline {args.baseline_lib}: outputs {'equal to' if equal else 'DIFFERENT from'} the new kernel's")
+            ok = ok and equal
         for shape in sorted({tuple(r["shape"]) for r in rows}):
             r = next(r for r in rows if tuple(r["shape"]) == shape)
             print(f"{'x'.join(map(str, shape)):>16} baselines: elementwise {r['elementwise_ms']:.4f} ms, "
@@ -478,7 +510,7 @@ def main() -> int:
     for name in ("timing", "breakdown"):
         if isinstance(result.get(name), dict) and "error" in result[name]:
             print(f"{name}: ERROR {result[name]['error']}")
-    print(f"RESULT: {'PASS' if ok else 'FAIL'} (parity and graph checks)")
+    print(f"RESULT: {'PASS' if ok else 'FAIL'} (parity and graph checks{', baseline output' if baseline else ''})")
     return 0 if ok else 1
 
 

@@ -7,6 +7,9 @@
 #   bash benchmarks/gpu_check.sh --quick       # fewer shapes and iterations
 #   bash benchmarks/gpu_check.sh --build-only  # build only (needs nvcc, not a GPU)
 #
+# With build/cuda_baseline/libarmquant_cuda.so present (benchmarks/build_cuda_baseline.sh REV,
+# or $ARMQ_GPU_BASELINE), that earlier kernel is timed side by side and compared bit for bit.
+#
 # Builds with CMake when export/CMakeLists.txt is present (the library the PyTorch binding and
 # ONNX Runtime load), and falls back to compiling export/cuda/arm_cuda.cu alone with nvcc when
 # there is no CMake project or its build fails. Either way the kernel code is the same. A library
@@ -83,7 +86,14 @@ case "$LIB" in
   */libarmquant_ort*.so) export ARMQUANT_LIBRARY="$(cd "$(dirname "$LIB")" && pwd)/$(basename "$LIB")" ;;
   *) unset ARMQUANT_LIBRARY; export ARMQUANT_GPU_CHECK_STANDALONE=1 ;;
 esac
-timeout 420 "$PY" benchmarks/gpu_check.py --lib "$LIB" "$@"
+# An earlier kernel to time side by side (benchmarks/build_cuda_baseline.sh builds one).
+BASELINE=${ARMQ_GPU_BASELINE:-build/cuda_baseline/libarmquant_cuda.so}
+baseline_args=()
+if [ -f "$BASELINE" ]; then
+  say "baseline: $BASELINE (revision $(cat "$(dirname "$BASELINE")/REVISION" 2>/dev/null || echo unknown))"
+  baseline_args=(--baseline-lib "$BASELINE")
+fi
+timeout 420 "$PY" benchmarks/gpu_check.py --lib "$LIB" ${baseline_args[@]+"${baseline_args[@]}"} "$@"
 rc=$?
 [ $rc -eq 124 ] && say "ERROR: gpu_check.py ran past 420 s and was stopped"
 exit $rc

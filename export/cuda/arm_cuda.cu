@@ -47,7 +47,19 @@ struct Problem {
   int mask_type;
   const int64_t* positions;
   int aligned;  // x, y 16-byte aligned and every run starts at a multiple of the vector width
+  int index32;  // every flat index fits in 32 bits: token and position need no 64-bit division
 };
+
+// Token of flat element j, and a token's position. 64-bit integer division is a long
+// instruction sequence on the GPU; 32-bit division is a few.
+__device__ __forceinline__ int64_t token_of(const Problem& P, int64_t j) {
+  return P.index32 ? (int64_t)((uint32_t)j / (uint32_t)P.I) : j / P.I;
+}
+
+__device__ __forceinline__ int64_t position_of(const Problem& P, int64_t token) {
+  if (P.positions) return P.positions[token];
+  return P.index32 ? (int64_t)((uint32_t)token % (uint32_t)P.S) : token % P.S;
+}
 
 __device__ __forceinline__ bool token_valid(const Problem& P, int64_t token) {
   if (P.mask_type == ARMQ_MASK_BOOL) return static_cast<const uint8_t*>(P.mask)[token] != 0;
@@ -87,7 +99,7 @@ __device__ __forceinline__ void classify_run(const Problem& P, int64_t start, Ru
       if (k < r.count && finite_f32(Tr::widen(r.v[k]))) r.valid |= 1u << k;
     return;
   }
-  int64_t token = start / P.I, channel = start - token * P.I;
+  int64_t token = token_of(P, start), channel = start - token * P.I;
   bool keep = token_valid(P, token);
 #pragma unroll
   for (int k = 0; k < Tr::VEC; ++k) {
@@ -426,16 +438,19 @@ template <class Weight>
 __device__ __forceinline__ bool own_select(Weight weight, uint32_t excl, uint32_t local, u64 rank,
                                            uint32_t* bin, uint32_t* below) {
   if (rank < excl || rank >= (u64)excl + local) return false;
+  const int first = threadIdx.x * kMagsPerThread;
+  uint32_t w[kMagsPerThread];
+#pragma unroll
+  for (int j = 0; j < kMagsPerThread; ++j) w[j] = weight(first + j);  // weights in global memory: all loads at once
   uint32_t acc = excl;
-  int first = threadIdx.x * kMagsPerThread;
+#pragma unroll
   for (int j = 0; j < kMagsPerThread; ++j) {
-    uint32_t w = weight(first + j);
-    if (rank < (u64)acc + w) {
+    if (rank < (u64)acc + w[j]) {
       *bin = first + j;
       *below = acc;
       return true;
     }
-    acc += w;
+    acc += w[j];
   }
   return false;
 }
@@ -490,13 +505,24 @@ __global__ void __launch_bounds__(kAnalyzeThreads)
   for (int shift = 24; shift >= 0; shift -= 8) {
     if (t < 256) dh[t] = 0;
     __syncthreads();
+    // A thread's bins are consecutive, so their deviations are monotone on each side of m and
+    // mostly share a digit: add runs of equal digits once, not every bin into the same counter.
+    uint32_t run_digit = 0, run_weight = 0;
     for (int j = 0; j < kMagsPerThread; ++j) {
       int b = t * kMagsPerThread + j;
       uint32_t w = W[padded(b)];
       if (!w) continue;
       uint32_t key = key_deviation(Tr::from_key_abs(b), m);
-      if (prefix_matches(key, prefix, shift)) atomicAdd(&dh[(key >> shift) & 255u], w);
+      if (!prefix_matches(key, prefix, shift)) continue;
+      uint32_t digit = (key >> shift) & 255u;
+      if (run_weight && digit != run_digit) {
+        atomicAdd(&dh[run_digit], run_weight);
+        run_weight = 0;
+      }
+      run_digit = digit;
+      run_weight += w;
     }
+    if (run_weight) atomicAdd(&dh[run_digit], run_weight);
     __syncthreads();
     if (t < 32) {
       DigitPick pick = warp_pick_digit(dh, rank, lane);
@@ -541,6 +567,7 @@ __global__ void __launch_bounds__(kAnalyzeThreads)
   auto neg_weight = [&](int b) { return H[b + kMags16]; };
   auto pos_weight = [&](int b) { return W[padded(b)] - H[b + kMags16]; };
   uint32_t local_neg = 0;
+#pragma unroll
   for (int j = 0; j < kMagsPerThread; ++j) local_neg += neg_weight(t * kMagsPerThread + j);
   uint32_t excl_neg, excl_pos, n_neg, n_pos;
   __syncthreads();
@@ -621,15 +648,20 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // y: selected elements move to sign * (u * T); every other element is copied bit for bit.
-// Each warp queues its selected elements in shared memory and draws Philox for them with all
-// lanes busy: drawing in place would run Philox for nearly every element, since some lane of
-// a warp is almost always selected.
+// Each thread loads kBatch tiles before it uses any, so that enough loads are in flight to
+// cover memory latency. Where the group takes some of its ties, one block scan per batch ranks
+// them: the batch's per-tile tie counts are packed 16 bits a tile into one 64-bit value (a tile
+// holds at most 2048 elements). Each warp queues its selected elements in shared memory and
+// draws Philox for them with all lanes busy: drawing in place would run Philox for nearly every
+// element, since some lane of a warp is almost always selected.
 template <class Tr>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)  // 64 registers: 4 blocks an SM, 64 KiB of loads in flight
     k_output(const typename Tr::raw* x, typename Tr::raw* y, Problem P, const GroupState* st,
              const u64* chunk_offset, uint64_t seed) {
-  typedef cub::BlockScan<uint32_t, kThreads> Scan;
-  constexpr int kWarps = kThreads / 32, kWarpRun = 32 * Tr::VEC;
+  typedef cub::BlockScan<u64, kThreads> Scan;
+  constexpr int kWarps = kThreads / 32, kWarpRun = 32 * Tr::VEC, kBatch = 4;
+  constexpr int64_t kTile = (int64_t)kThreads * Tr::VEC;
+  static_assert(kTile < 65536 && kBatch * 16 <= 64, "per-tile tie counts packed 16 bits a tile");
   __shared__ typename Scan::TempStorage tmp;
   __shared__ uint4 staged_words[kWarps][kWarpRun * sizeof(typename Tr::raw) / 16];  // 16-byte aligned
   __shared__ uint16_t queue[kWarps][kWarpRun];
@@ -641,74 +673,95 @@ __global__ void __launch_bounds__(kThreads)
   const u64 n = s.n;
   const bool partial = takes_some_ties(s);  // uniform per block
   const uint32_t t_key = n ? s.t_key : 0;
-  const u64 need = partial ? s.need : 0;
+  // Tie ranks are below the group's size, so 32 bits hold them (make_plan caps groups at 2^32).
+  const uint32_t need = partial ? (uint32_t)s.need : 0;
   const float qp = s.qp, mneg = s.mneg;
-  u64 tie_base = partial && P.chunks > 1 ? chunk_offset[blockIdx.x] : 0;
-  for (int64_t base = cr.begin; base < cr.end; base += (int64_t)kThreads * Tr::VEC) {
-    Run<Tr> r;
-    int64_t start = base + (int64_t)threadIdx.x * Tr::VEC;
-    load_run<Tr>(x, P, start, cr.end, r);
-    u64 tie_rank = tie_base;
+  uint32_t tie_base = partial && P.chunks > 1 ? (uint32_t)chunk_offset[blockIdx.x] : 0;
+  for (int64_t batch = cr.begin; batch < cr.end; batch += kBatch * kTile) {
+    Run<Tr> runs[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i)
+      fetch_run<Tr>(x, P, batch + i * kTile + (int64_t)threadIdx.x * Tr::VEC, cr.end, runs[i]);
+    uint32_t tie_rank[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      classify_run<Tr>(P, batch + i * kTile + (int64_t)threadIdx.x * Tr::VEC, runs[i]);
+      tie_rank[i] = 0;
+    }
     if (partial) {
-      uint32_t ties = 0, excl, total;
+      u64 packed = 0, excl, total;
 #pragma unroll
-      for (int k = 0; k < Tr::VEC; ++k)
-        if ((r.valid >> k & 1u) && Tr::key_abs(r.v[k]) == t_key) ++ties;
-      Scan(tmp).ExclusiveSum(ties, excl, total);
-      __syncthreads();  // tmp is reused next tile
-      tie_rank += excl;
-      tie_base += total;
-    }
-    unsigned take = 0;
-    if (n) {
+      for (int i = 0; i < kBatch; ++i) {
+        u64 ties = 0;
 #pragma unroll
-      for (int k = 0; k < Tr::VEC; ++k) {
-        if (!(r.valid >> k & 1u)) continue;
-        uint32_t key = Tr::key_abs(r.v[k]);
-        bool selected = key < t_key;
-        if (key == t_key) selected = !partial || tie_rank++ < need;
-        if (selected) take |= 1u << k;
+        for (int k = 0; k < Tr::VEC; ++k)
+          if ((runs[i].valid >> k & 1u) && Tr::key_abs(runs[i].v[k]) == t_key) ++ties;
+        packed |= ties << (16 * i);
+      }
+      Scan(tmp).ExclusiveSum(packed, excl, total);
+      __syncthreads();  // tmp is reused next batch
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        tie_rank[i] = tie_base + (uint32_t)(excl >> (16 * i) & 0xFFFFu);
+        tie_base += (uint32_t)(total >> (16 * i) & 0xFFFFu);
       }
     }
-    if (__any_sync(kFull, take)) {  // warp-uniform
-      int count = __popc(take), incl = count;
 #pragma unroll
-      for (int d = 1; d < 32; d *= 2) {
-        int o = __shfl_up_sync(kFull, incl, d);
-        if (lane >= d) incl += o;
-      }
-      const int total = __shfl_sync(kFull, incl, 31);
-      int slot = incl - count;
+    for (int i = 0; i < kBatch; ++i) {
+      if (batch + i * kTile >= cr.end) break;  // uniform per block
+      Run<Tr>& r = runs[i];
+      const int64_t start = batch + i * kTile + (int64_t)threadIdx.x * Tr::VEC;
+      unsigned take = 0;
+      if (n) {
 #pragma unroll
-      for (int k = 0; k < Tr::VEC; ++k)
-        if (take >> k & 1u) queue[warp][slot++] = (uint16_t)(lane * Tr::VEC + k);
-      *reinterpret_cast<uint4*>(&staged[lane * Tr::VEC]) = *reinterpret_cast<const uint4*>(r.v);
-      if (take) {
-        const int64_t token = start / P.I;
-        run_token[warp][lane] = token;
-        run_channel[warp][lane] = start - token * P.I;
-        run_position[warp][lane] = P.positions ? P.positions[token] : token % P.S;
-      }
-      __syncwarp();
-      for (int i = lane; i < total; i += 32) {
-        const int pos = queue[warp][i], src = pos / Tr::VEC;
-        int64_t channel = run_channel[warp][src] + pos % Tr::VEC, position = run_position[warp][src];
-        if (channel >= P.I) {  // the run crossed into a later token
-          int64_t token = run_token[warp][src];
-          while (channel >= P.I) {
-            channel -= P.I;
-            ++token;
-          }
-          position = P.positions ? P.positions[token] : token % P.S;
+        for (int k = 0; k < Tr::VEC; ++k) {
+          if (!(r.valid >> k & 1u)) continue;
+          uint32_t key = Tr::key_abs(r.v[k]);
+          bool selected = key < t_key;
+          if (key == t_key) selected = !partial || tie_rank[i]++ < need;
+          if (selected) take |= 1u << k;
         }
-        float u = uniform((uint32_t)channel, position, seed);
-        staged[pos] = Tr::narrow(moved_value(Tr::widen(staged[pos]), u, qp, mneg));
       }
-      __syncwarp();
-      *reinterpret_cast<uint4*>(r.v) = *reinterpret_cast<const uint4*>(&staged[lane * Tr::VEC]);
-      __syncwarp();  // staged and queue are reused next tile
+      if (__any_sync(kFull, take)) {  // warp-uniform
+        int count = __popc(take), incl = count;
+#pragma unroll
+        for (int d = 1; d < 32; d *= 2) {
+          int o = __shfl_up_sync(kFull, incl, d);
+          if (lane >= d) incl += o;
+        }
+        const int total = __shfl_sync(kFull, incl, 31);
+        int slot = incl - count;
+#pragma unroll
+        for (int k = 0; k < Tr::VEC; ++k)
+          if (take >> k & 1u) queue[warp][slot++] = (uint16_t)(lane * Tr::VEC + k);
+        *reinterpret_cast<uint4*>(&staged[lane * Tr::VEC]) = *reinterpret_cast<const uint4*>(r.v);
+        if (take) {
+          const int64_t token = token_of(P, start);
+          run_token[warp][lane] = token;
+          run_channel[warp][lane] = start - token * P.I;
+          run_position[warp][lane] = position_of(P, token);
+        }
+        __syncwarp();
+        for (int q = lane; q < total; q += 32) {
+          const int pos = queue[warp][q], src = pos / Tr::VEC;
+          int64_t channel = run_channel[warp][src] + pos % Tr::VEC, position = run_position[warp][src];
+          if (channel >= P.I) {  // the run crossed into a later token
+            int64_t token = run_token[warp][src];
+            while (channel >= P.I) {
+              channel -= P.I;
+              ++token;
+            }
+            position = position_of(P, token);
+          }
+          float u = uniform((uint32_t)channel, position, seed);
+          staged[pos] = Tr::narrow(moved_value(Tr::widen(staged[pos]), u, qp, mneg));
+        }
+        __syncwarp();
+        *reinterpret_cast<uint4*>(r.v) = *reinterpret_cast<const uint4*>(&staged[lane * Tr::VEC]);
+        __syncwarp();  // staged and queue are reused next tile
+      }
+      store_run<Tr>(y, P, start, r);
     }
-    store_run<Tr>(y, P, start, r);
   }
 }
 
@@ -815,6 +868,7 @@ int forward(const void* xv, void* yv, int64_t S, int64_t I, const void* mask, ar
   P.positions = positions;
   P.aligned = plan.L % Tr::VEC == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
               reinterpret_cast<uintptr_t>(y) % 16 == 0;
+  P.index32 = plan.G * plan.L < (int64_t(1) << 32);
   const unsigned blocks = (unsigned)(plan.G * plan.chunks);
 
   // Zero the group states and histograms (the tie buffers are written before they are read).
