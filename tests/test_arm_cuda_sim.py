@@ -180,12 +180,14 @@ def tie_heavy(shape, generator):
     return levels[torch.randint(0, len(levels), shape, generator=generator)]
 
 
-# Shapes past one block: several hist16 blocks per group (more than 57344 elements), several
-# output chunks per group (more than 32768) with the threshold's ties split across chunks,
-# unaligned groups (length not a multiple of the vector width), and more than 64 groups, which
-# sends 16-bit data to the radix plan.
+# Shapes past one block: several hist16 chunks a group (more than 57344 elements), persistent
+# hist16 blocks that take several chunks (the simulator reports 2 SMs), several output chunks a
+# group (more than 32768) with the threshold's ties split across chunks, unaligned groups
+# (length not a multiple of the vector width), and more than 64 groups, which sends 16-bit data
+# to the radix plan.
 LARGE = [
     ("hist16, 2 blocks, 3 chunks, unaligned, ties", torch.bfloat16, (1, 7, 10007), "sequence", True),
+    ("hist16, 6 chunks on the simulator's 2 SMs, across groups", torch.bfloat16, (2, 6, 24001), "sequence", False),
     ("hist16, 2 chunks a group, aligned", torch.float16, (2, 5, 8192), "sequence", False),
     ("radix float32, 3 chunks, ties", torch.float32, (1, 3, 30001), "tensor", True),
     ("radix float16, 80 token groups", torch.float16, (2, 40, 9), "token", False),

@@ -138,14 +138,15 @@ struct ChunkRange {
   int64_t g, begin, end;
 };
 
-__device__ __forceinline__ ChunkRange chunk_range(const Problem& P) {
+__device__ __forceinline__ ChunkRange chunk_range_of(const Problem& P, int64_t chunk) {
   ChunkRange c;
-  int64_t block = blockIdx.x;
-  c.g = block / P.chunks;
-  c.begin = c.g * P.L + (block - c.g * P.chunks) * P.chunk;
+  c.g = chunk / P.chunks;
+  c.begin = c.g * P.L + (chunk - c.g * P.chunks) * P.chunk;
   c.end = min(c.begin + P.chunk, (c.g + 1) * P.L);
   return c;
 }
+
+__device__ __forceinline__ ChunkRange chunk_range(const Problem& P) { return chunk_range_of(P, blockIdx.x); }
 
 template <class Tr>
 __device__ __forceinline__ uint32_t query_key(int kind, typename Tr::raw v, float m) {
@@ -384,44 +385,66 @@ __global__ void k_moved_count(GroupState* st, int64_t G, armq_attrs at) {
 // --- hist16 plan ----------------------------------------------------------------------------
 
 // 65536-bin histogram of the raw bits of the valid elements, per group. Shared counters are
-// 16 bits wide, two to a word (128 KiB), which is why a block sees fewer than 65536 elements.
+// 16 bits wide, two to a word (128 KiB, so one block an SM), which is why a chunk holds fewer
+// than 65536 elements and is flushed into its group's histogram before the next. Blocks are
+// persistent, one an SM, each taking every gridDim.x-th chunk, and issue the next chunk's first
+// loads before the flush, so that memory is busy while it runs.
 template <class Tr>
 __global__ void __launch_bounds__(kHist16Threads)
-    k_hist16(const typename Tr::raw* x, Problem P, uint32_t* hist) {
+    k_hist16(const typename Tr::raw* x, Problem P, int64_t chunks, uint32_t* hist) {
   constexpr int kTiles = (int)(kHist16Chunk / (kHist16Threads * Tr::VEC)), kBatch = 4;
   static_assert(kHist16Chunk % (kHist16Threads * Tr::VEC) == 0, "whole tiles a chunk");
   extern __shared__ uint4 smem16[];
   uint32_t* sh = reinterpret_cast<uint32_t*>(smem16);
-  ChunkRange cr = chunk_range(P);
-  for (int i0 = 0; i0 < kTiles; i0 += kBatch) {  // kBatch loads in flight per thread
-    Run<Tr> runs[kBatch];
+  auto start_of = [&](const ChunkRange& cr, int tile) {
+    return cr.begin + ((int64_t)tile * kHist16Threads + threadIdx.x) * Tr::VEC;
+  };
+  Run<Tr> runs[kBatch];
+  int64_t chunk = blockIdx.x;  // the grid has at most `chunks` blocks
+  ChunkRange cr = chunk_range_of(P, chunk);
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i)
-      if (i0 + i < kTiles)
-        fetch_run<Tr>(x, P, cr.begin + ((int64_t)(i0 + i) * kHist16Threads + threadIdx.x) * Tr::VEC, cr.end,
-                      runs[i]);
-    if (i0 == 0) {  // zero the counters while the first loads are in flight
-      for (int i = threadIdx.x; i < kMags16 / 4; i += kHist16Threads) smem16[i] = make_uint4(0, 0, 0, 0);
-      __syncthreads();
-    }
+  for (int i = 0; i < kBatch; ++i) fetch_run<Tr>(x, P, start_of(cr, i), cr.end, runs[i]);
+  for (int i = threadIdx.x; i < kMags16 / 4; i += kHist16Threads) smem16[i] = make_uint4(0, 0, 0, 0);
+  __syncthreads();
+  for (;;) {
+    for (int i0 = 0; i0 < kTiles; i0 += kBatch) {  // runs holds tiles i0 .. i0 + kBatch - 1
+      if (i0 > 0) {
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
-      if (i0 + i >= kTiles) break;
-      classify_run<Tr>(P, cr.begin + ((int64_t)(i0 + i) * kHist16Threads + threadIdx.x) * Tr::VEC, runs[i]);
+        for (int i = 0; i < kBatch; ++i)
+          if (i0 + i < kTiles) fetch_run<Tr>(x, P, start_of(cr, i0 + i), cr.end, runs[i]);
+      }
 #pragma unroll
-      for (int k = 0; k < Tr::VEC; ++k) {
-        if (!(runs[i].valid >> k & 1u)) continue;
-        uint32_t b = runs[i].v[k];
-        atomicAdd(&sh[b >> 1], 1u << ((b & 1u) * 16));
+      for (int i = 0; i < kBatch; ++i) {
+        if (i0 + i >= kTiles) break;
+        classify_run<Tr>(P, start_of(cr, i0 + i), runs[i]);
+#pragma unroll
+        for (int k = 0; k < Tr::VEC; ++k) {
+          if (!(runs[i].valid >> k & 1u)) continue;
+          uint32_t b = runs[i].v[k];
+          atomicAdd(&sh[b >> 1], 1u << ((b & 1u) * 16));
+        }
       }
     }
-  }
-  __syncthreads();
-  uint32_t* h = hist + cr.g * kBins16;
-  for (int w = threadIdx.x; w < kMags16; w += kHist16Threads) {
-    uint32_t v = sh[w];
-    if (v & 0xFFFFu) atomicAdd(&h[2 * w], v & 0xFFFFu);
-    if (v >> 16) atomicAdd(&h[2 * w + 1], v >> 16);
+    __syncthreads();
+    const int64_t next = chunk + gridDim.x;  // uniform per block
+    ChunkRange next_cr = cr;
+    if (next < chunks) {
+      next_cr = chunk_range_of(P, next);
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) fetch_run<Tr>(x, P, start_of(next_cr, i), next_cr.end, runs[i]);
+    }
+    uint32_t* h = hist + cr.g * kBins16;
+    for (int w = threadIdx.x; w < kMags16; w += kHist16Threads) {  // flush, and zero for the next chunk
+      uint32_t v = sh[w];
+      if (!v) continue;
+      sh[w] = 0;
+      if (v & 0xFFFFu) atomicAdd(&h[2 * w], v & 0xFFFFu);
+      if (v >> 16) atomicAdd(&h[2 * w + 1], v >> 16);
+    }
+    if (next >= chunks) break;
+    __syncthreads();
+    chunk = next;
+    cr = next_cr;
   }
 }
 
@@ -801,21 +824,30 @@ cudaError_t enqueue_hist16(const typename Tr::raw* x, const Problem& P, const Pl
                            uint32_t* hist, const armq_attrs& at, cudaStream_t stream) {
   // Opt in to more than 48 KiB of shared memory, once per device (a function setting, not a
   // stream operation; done before the first launch, which in practice precedes any capture).
+  // The SM count sizes k_hist16's persistent grid (a device property, not a stream operation).
   static bool opted_in[64] = {};
-  int device = 0;
+  static int sm_count[64] = {};
+  int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   if (device >= 64 || !opted_in[device]) {
     err = cudaFuncSetAttribute(k_hist16<Tr>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kHist16Smem);
     if (err == cudaSuccess)
       err = cudaFuncSetAttribute(k_analyze16<Tr>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kAnalyzeSmem);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     if (err != cudaSuccess) return err;
-    if (device < 64) opted_in[device] = true;
+    if (device < 64) {
+      opted_in[device] = true;
+      sm_count[device] = sms;
+    }
+  } else {
+    sms = sm_count[device];
   }
   Problem P16 = P;
   P16.chunk = kHist16Chunk;
   P16.chunks = plan.chunks16;
-  k_hist16<Tr><<<(unsigned)(plan.G * plan.chunks16), kHist16Threads, kHist16Smem, stream>>>(x, P16, hist);
+  const int64_t chunks = plan.G * plan.chunks16;
+  k_hist16<Tr><<<(unsigned)(chunks < sms ? chunks : sms), kHist16Threads, kHist16Smem, stream>>>(x, P16, chunks, hist);
   k_analyze16<Tr><<<(unsigned)plan.G, kAnalyzeThreads, kAnalyzeSmem, stream>>>(hist, st, at);
   return cudaSuccess;
 }
