@@ -323,6 +323,10 @@ def graph_time_ms(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+TIMED_CONFIGS = {"qwen2.5 sequence": PRESETS["qwen2.5"], "llama-3.1 sequence": PRESETS["llama-3.1"],
+                 "qwen2.5 token": PRESETS["qwen2.5"].replace(scope="token")}
+
+
 def timing(kernel: CudaARM, shapes, quick: bool, baseline: CudaARM | None = None, hidden: int = 4096) -> list[dict]:
     """Llama-3.1-8B's MLP: hidden 4096, intermediate I (14336) = the ARM tensor's last dim.
 
@@ -350,8 +354,7 @@ def timing(kernel: CudaARM, shapes, quick: bool, baseline: CudaARM | None = None
             torch.matmul(gate_out, w_down, out=down_out)
 
         matmuls = cuda_time_ms(mlp, max(3, iters // 2))
-        for name, config in [("qwen2.5 sequence", PRESETS["qwen2.5"]), ("llama-3.1 sequence", PRESETS["llama-3.1"]),
-                             ("qwen2.5 token", PRESETS["qwen2.5"].replace(scope="token"))]:
+        for name, config in TIMED_CONFIGS.items():
             y, args, keep = kernel.prepare(x, None, None, config)
             eager = cuda_time_ms(lambda: kernel.launch(args), iters)
             row = {"shape": list(shape), "op": f"ARM CUDA {name}", "eager_ms": eager,
@@ -430,11 +433,20 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=int(time.time()) % 2**31, help="seed of the fresh random inputs")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
     parser.add_argument("--baseline-lib", help="an earlier build of the kernel to time side by side")
+    parser.add_argument("--profile-workload", action="store_true",
+                        help="only run each timed configuration once at the first benchmark shape, for a profiler "
+                             "(gpu_check.sh --ncu runs this under Nsight Compute)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("ERROR: torch sees no CUDA device; this check needs a GPU", flush=True)
         return 2
     kernel = CudaARM(args.lib)
+    if args.profile_workload:
+        x = torch.nn.functional.silu(torch.randn(*BENCH_SHAPES[0], device=DEVICE) * 2).to(torch.bfloat16)
+        for config in TIMED_CONFIGS.values():
+            kernel(x, config=config)
+        torch.cuda.synchronize()
+        return 0
     baseline = CudaARM(args.baseline_lib) if args.baseline_lib else None
     result = {"provenance": provenance(), "torch_cuda": torch.version.cuda, "seed": args.seed, "library": args.lib,
               "baseline_library": args.baseline_lib}

@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_check.sh               # build if needed, then the full check
 #   bash benchmarks/gpu_check.sh --quick       # fewer shapes and iterations
 #   bash benchmarks/gpu_check.sh --build-only  # build only (needs nvcc, not a GPU)
+#   bash benchmarks/gpu_check.sh --ncu         # Nsight Compute metrics of each kernel (ncu.txt)
 #
 # With build/cuda_baseline/libarmquant_cuda.so present (benchmarks/build_cuda_baseline.sh REV,
 # or $ARMQ_GPU_BASELINE), that earlier kernel is timed side by side and compared bit for bit.
@@ -21,8 +22,9 @@ BUILD=${ARMQ_GPU_BUILD:-build/gpu_check}
 mkdir -p "$BUILD"
 say() { echo "[gpu_check] $*"; }
 fail() { echo "[gpu_check] ERROR: $*"; exit 2; }
-BUILD_ONLY=0
+BUILD_ONLY=0 NCU=0
 if [ "${1:-}" = "--build-only" ]; then BUILD_ONLY=1; shift; fi
+if [ "${1:-}" = "--ncu" ]; then NCU=1; shift; fi
 PY=${PYTHON:-python3}
 
 say "git rev $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -86,6 +88,19 @@ case "$LIB" in
   */libarmquant_ort*.so) export ARMQUANT_LIBRARY="$(cd "$(dirname "$LIB")" && pwd)/$(basename "$LIB")" ;;
   *) unset ARMQUANT_LIBRARY; export ARMQUANT_GPU_CHECK_STANDALONE=1 ;;
 esac
+if [ $NCU -eq 1 ]; then  # per-kernel hardware metrics: where each kernel's time goes
+  ncu=$(command -v ncu || true)
+  [ -z "$ncu" ] && [ -x /usr/local/cuda/bin/ncu ] && ncu=/usr/local/cuda/bin/ncu
+  [ -z "$ncu" ] && fail "--ncu: Nsight Compute (ncu) not found"
+  report=${OUT:-$BUILD}/ncu.txt
+  say "Nsight Compute on one call of each timed configuration -> $report"
+  timeout 300 "$ncu" --target-processes all --kernel-name regex:k_ \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section MemoryWorkloadAnalysis "$PY" benchmarks/gpu_check.py --lib "$LIB" --profile-workload >"$report" 2>&1
+  rc=$?
+  tail -40 "$report"
+  exit $rc
+fi
 # An earlier kernel to time side by side (benchmarks/build_cuda_baseline.sh builds one).
 BASELINE=${ARMQ_GPU_BASELINE:-build/cuda_baseline/libarmquant_cuda.so}
 baseline_args=()
