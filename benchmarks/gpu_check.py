@@ -151,9 +151,11 @@ CONFIGS = {
     "gemma-3": PRESETS["gemma-3"],
     "wide": ARMConfig(k=4.0, pmin=0.0, pmax=1.0, p1=0.0, seed=2**62 + 12345),
 }
-# Small and odd shapes; (70, 3, 50) and (2, 64, 300) put more than 64 groups through the radix
-# plan for 16-bit dtypes under scope sequence / token.
+# Small and odd shapes: groups of up to 64 KiB take the row plan, larger ones hist16 (16-bit,
+# at most 64 groups) or radix; parity_large adds 16-bit data in more than 64 large groups.
 BENCH_SHAPES = [(1, 2048, 14336), (8, 2048, 14336)]  # Llama-3.1-8B MLP activations, bfloat16
+DECODE_SHAPES = [(1, 1, 14336), (8, 1, 14336)]  # one decode step: the row plan
+RADIX16_SHAPE = (66, 2, 16500)  # 66 groups of 33000: too large for the row plan, too many for hist16
 SMALL_SHAPES = [(1, 1, 1), (1, 7, 3), (2, 3, 37), (3, 5, 129), (2, 64, 300), (4, 33, 1000), (70, 3, 50)]
 
 
@@ -236,23 +238,22 @@ def binding_check(seed: int) -> dict:
     return {"cases": checked, "failures": failures, "library": str(_native.library_path())}
 
 
-def parity_large(kernel: CudaARM, seed: int, shapes, configs) -> dict:
-    """Benchmark-sized inputs, reference run on the GPU (sorts) to keep the check fast."""
+def parity_large(kernel: CudaARM, seed: int, cases) -> dict:
+    """Large inputs, (shape, dtype, name, config) each; the reference runs on the GPU (sorts) to keep it fast."""
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     rows, failures = [], []
-    for shape in shapes:
-        for name, config in configs:
-            x = torch.nn.functional.silu(torch.randn(*shape, generator=g, device=DEVICE) * 2).to(torch.bfloat16)
-            want = arm_reference(x, None, None, config)
-            got = kernel(x, None, None, config)
-            bad = int((bits(got) != bits(want)).sum())
-            moved = int((bits(got) != bits(x)).sum())
-            rows.append({"shape": list(shape), "config": name, "mismatches": bad, "moved": moved})
-            if bad:
-                failures.append(f"bfloat16 {list(shape)} {name}: " + diagnose(x, got, want))
-            log(f"parity {list(shape)} {name}: {bad} mismatches, {moved} moved")
-            del x, want, got
-            torch.cuda.empty_cache()
+    for shape, dtype, name, config in cases:
+        x = torch.nn.functional.silu(torch.randn(*shape, generator=g, device=DEVICE) * 2).to(dtype)
+        want = arm_reference(x, None, None, config)
+        got = kernel(x, None, None, config)
+        bad = int((bits(got) != bits(want)).sum())
+        moved = int((bits(got) != bits(x)).sum())
+        rows.append({"shape": list(shape), "dtype": str(dtype), "config": name, "mismatches": bad, "moved": moved})
+        if bad:
+            failures.append(f"{dtype} {list(shape)} {name}: " + diagnose(x, got, want))
+        log(f"parity {list(shape)} {dtype} {name}: {bad} mismatches, {moved} moved")
+        del x, want, got
+        torch.cuda.empty_cache()
     # The reference on the GPU must agree with the reference on the CPU (it defines the truth).
     x = torch.nn.functional.silu(torch.randn(2, 64, 512, generator=g, device=DEVICE) * 2).to(torch.bfloat16)
     same = torch.equal(bits(arm_reference(x, None, None, ARMConfig()).cpu()),
@@ -263,12 +264,15 @@ def parity_large(kernel: CudaARM, seed: int, shapes, configs) -> dict:
 
 
 def graph_check(kernel: CudaARM) -> dict:
-    """Capture the op in a CUDA graph, replay on new data, compare with the reference."""
+    """Capture the op in a CUDA graph, replay on new data, compare with the reference; each plan
+    (row, hist16, radix) once."""
     failures = []
-    for dtype, scope in [(torch.bfloat16, "sequence"), (torch.float32, "token"), (torch.float16, "tensor")]:
+    for dtype, scope, shape in [(torch.bfloat16, "sequence", (2, 16, 384)), (torch.float32, "token", (2, 16, 384)),
+                                (torch.float16, "tensor", (2, 16, 384)), (torch.bfloat16, "sequence", (2, 64, 1024)),
+                                (torch.float32, "sequence", (2, 64, 1024))]:
         config = PRESETS["qwen2.5"].replace(scope=scope)
-        x = torch.randn(2, 16, 384, device=DEVICE).to(dtype)
-        mask = torch.ones(2, 16, dtype=torch.bool, device=DEVICE)
+        x = torch.randn(*shape, device=DEVICE).to(dtype)
+        mask = torch.ones(*shape[:2], dtype=torch.bool, device=DEVICE)
         y, args, keep = kernel.prepare(x, mask, None, config)
         static_x = keep[0]
         kernel.launch(args)  # warm up outside the capture
@@ -277,7 +281,7 @@ def graph_check(kernel: CudaARM) -> dict:
         with torch.cuda.graph(graph):
             kernel.launch(args)
         for trial in range(3):
-            fresh = torch.randn(2, 16, 384, device=DEVICE).to(dtype)
+            fresh = torch.randn(*shape, device=DEVICE).to(dtype)
             fresh[0, 0, :7] = 0.0
             static_x.copy_(fresh)
             mask[1, : trial * 3] = False
@@ -285,7 +289,8 @@ def graph_check(kernel: CudaARM) -> dict:
             torch.cuda.synchronize()
             want = arm_reference(fresh.cpu(), mask.cpu(), None, config)
             if not torch.equal(bits(y.cpu()), bits(want)):
-                failures.append(f"graph replay {dtype} {scope} trial {trial}: {(bits(y.cpu()) != bits(want)).sum().item()} differ")
+                failures.append(f"graph replay {dtype} {scope} {list(shape)} trial {trial}: "
+                                f"{(bits(y.cpu()) != bits(want)).sum().item()} differ")
     return {"failures": failures}
 
 
@@ -453,17 +458,22 @@ def main() -> int:
     log(f"device {result['provenance']['gpu']}, torch {torch.__version__} (CUDA {torch.version.cuda}), seed {args.seed}")
 
     bench_shapes = BENCH_SHAPES[:1] if args.quick else BENCH_SHAPES
+    timed_shapes = bench_shapes + (DECODE_SHAPES[1:] if args.quick else DECODE_SHAPES)
+    large_configs = [("qwen2.5 sequence", PRESETS["qwen2.5"]), ("llama-3.1 token", PRESETS["llama-3.1"].replace(scope="token")),
+                     ("gemma-3 tensor", PRESETS["gemma-3"].replace(scope="tensor"))]
+    large_cases = [(shape, torch.bfloat16, name, config) for shape in bench_shapes for name, config in large_configs]
+    large_cases += [  # the radix plan: float32 in large groups, and 16-bit data in more than 64 of them
+        (BENCH_SHAPES[0], torch.float32, "qwen2.5 sequence", PRESETS["qwen2.5"]),
+        (RADIX16_SHAPE, torch.bfloat16, "llama-3.1 sequence", PRESETS["llama-3.1"]),
+    ]
     sections = [
         ("parity", True, lambda: parity(kernel, args.seed, args.quick)),
         ("binding", True, lambda: binding_check(args.seed + 2)),
         ("graph", True, lambda: graph_check(kernel)),
-        ("parity_large", True, lambda: parity_large(
-            kernel, args.seed + 1, bench_shapes,
-            [("qwen2.5 sequence", PRESETS["qwen2.5"]), ("llama-3.1 token", PRESETS["llama-3.1"].replace(scope="token")),
-             ("gemma-3 tensor", PRESETS["gemma-3"].replace(scope="tensor"))])),
-        ("timing", False, lambda: timing(kernel, bench_shapes, args.quick, baseline)),
-        ("breakdown", False, lambda: kernel_breakdown(kernel, bench_shapes) + (
-            kernel_breakdown(baseline, bench_shapes, "baseline") if baseline is not None else [])),
+        ("parity_large", True, lambda: parity_large(kernel, args.seed + 1, large_cases)),
+        ("timing", False, lambda: timing(kernel, timed_shapes, args.quick, baseline)),
+        ("breakdown", False, lambda: kernel_breakdown(kernel, timed_shapes) + (
+            kernel_breakdown(baseline, timed_shapes, "baseline") if baseline is not None else [])),
     ]
     ok = True
     for name, required, run in sections:  # required: counts towards the exit status

@@ -33,10 +33,12 @@ KERNEL_LAUNCH = re.compile(r"((?:\w+::)*[A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<(.*?)>>>
 DYNAMIC_SHARED = re.compile(r"extern __shared__ (\w+) (\w+)\[\];")
 
 
-def compile_for_simulator(source: Path, out_dir: Path, name: str, harness: str = "") -> ctypes.CDLL:
+def compile_for_simulator(source: Path, out_dir: Path, name: str, harness: str = "",
+                          defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Rewrites launches and dynamic shared arrays for cuda_sim.h and builds a shared library.
 
-    `harness` is CUDA source appended to the file, to launch one of its kernels directly."""
+    `harness` is CUDA source appended to the file, to launch one of its kernels directly;
+    `defines` are -D options."""
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip(f"no C++ compiler (g++) to build {source.name} for the CUDA simulator")
@@ -48,7 +50,8 @@ def compile_for_simulator(source: Path, out_dir: Path, name: str, harness: str =
     lib = out_dir / f"lib{name}.so"
     built = subprocess.run(
         [compiler, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-I", str(SIM_DIR / "include"),
-         "-I", str(source.parent), "-include", str(SIM_DIR / "cuda_sim.h"), "-o", str(lib), str(rewritten)],
+         "-I", str(source.parent), "-include", str(SIM_DIR / "cuda_sim.h"), *(f"-D{d}" for d in defines),
+         "-o", str(lib), str(rewritten)],
         capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, f"{source.name} does not build for the simulator:\n{built.stderr[-4000:]}"
     built = ctypes.CDLL(str(lib))
@@ -72,17 +75,39 @@ extern "C" void sim_tie_scan(const uint32_t* ties, unsigned long long* offset, i
 """
 
 
+# Each plan's limits, as built for the tests: the default (small groups take the row plan), no row
+# plan (16-bit data in at most 64 groups takes hist16, the rest radix), and radix only.
+PLAN_BUILDS = {
+    "row": (),
+    "hist16": ("ARMQ_ROW_MAX_BYTES=0",),
+    "radix": ("ARMQ_ROW_MAX_BYTES=0", "ARMQ_MAX_GROUPS_HIST16=0"),
+}
+
+
 @pytest.fixture(scope="module")
-def simulated(tmp_path_factory):
-    lib = compile_for_simulator(CUDA_DIR / "arm_cuda.cu", tmp_path_factory.mktemp("sim"), "arm_cuda_sim",
-                                TIE_SCAN_HARNESS)
-    lib.armq_cuda_workspace_bytes.restype = ctypes.c_size_t
-    lib.armq_cuda_workspace_bytes.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
-    lib.armq_cuda_forward.argtypes = (
-        [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3
-        + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-           ctypes.c_void_p])
-    return lib
+def simulators(tmp_path_factory):
+    """plan -> the library built with that plan's limits (built on first use)."""
+    built = {}
+
+    def get(plan: str) -> ctypes.CDLL:
+        if plan not in built:
+            lib = compile_for_simulator(CUDA_DIR / "arm_cuda.cu", tmp_path_factory.mktemp(f"sim_{plan}"),
+                                        "arm_cuda_sim", TIE_SCAN_HARNESS, PLAN_BUILDS[plan])
+            lib.armq_cuda_workspace_bytes.restype = ctypes.c_size_t
+            lib.armq_cuda_workspace_bytes.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+            lib.armq_cuda_forward.argtypes = (
+                [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3
+                + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                   ctypes.c_void_p])
+            built[plan] = lib
+        return built[plan]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def simulated(simulators):
+    return simulators("row")
 
 
 def simulate(lib, x, mask, positions, config):
@@ -165,13 +190,19 @@ def assert_bit_exact(lib, name, x, mask, positions, config):
     return want
 
 
+# float32 has no hist16 plan: its "hist16" build would run the radix plan again.
+PLAN_DTYPES = [(plan, dtype) for plan in PLAN_BUILDS for dtype in DTYPES
+               if not (plan == "hist16" and dtype == torch.float32)]
+
+
 @pytest.mark.parametrize("scope", ["tensor", "sequence", "token"])
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=lambda d: str(d).removeprefix("torch."))
-def test_kernels_match_reference(simulated, dtype, scope):
+@pytest.mark.parametrize("plan,dtype", PLAN_DTYPES, ids=[f"{p}-{str(d).removeprefix('torch.')}" for p, d in PLAN_DTYPES])
+def test_kernels_match_reference(simulators, plan, dtype, scope):
+    lib = simulators(plan)
     for c, config in enumerate(CONFIGS):
         config = config.replace(scope=scope)
         for name, x, mask, positions in cases(dtype, seed=c):
-            assert_bit_exact(simulated, name, x, mask, positions, config)
+            assert_bit_exact(lib, name, x, mask, positions, config)
 
 
 def tie_heavy(shape, generator):
@@ -180,29 +211,33 @@ def tie_heavy(shape, generator):
     return levels[torch.randint(0, len(levels), shape, generator=generator)]
 
 
-# Shapes past one block: several hist16 chunks a group (more than 57344 elements), persistent
-# hist16 blocks that take several chunks (the simulator reports 2 SMs), several output chunks a
-# group (more than 32768) with the threshold's ties split across chunks, unaligned groups
-# (length not a multiple of the vector width), and more than 64 groups, which sends 16-bit data
-# to the radix plan.
+# Shapes past one block, in the default build: several hist16 chunks a group (more than 57344
+# elements), persistent hist16 blocks that take several chunks (the simulator reports 2 SMs),
+# several output chunks a group (more than 32768) with the threshold's ties split across chunks,
+# unaligned groups (length not a multiple of the vector width), more than 64 groups (16-bit data
+# then takes the radix plan), and row-plan groups of the largest size, ties split across threads.
 LARGE = [
-    ("hist16, 2 blocks, 3 chunks, unaligned, ties", torch.bfloat16, (1, 7, 10007), "sequence", True),
-    ("hist16, 6 chunks on the simulator's 2 SMs, across groups", torch.bfloat16, (2, 6, 24001), "sequence", False),
-    ("hist16, 2 chunks a group, aligned", torch.float16, (2, 5, 8192), "sequence", False),
-    ("radix float32, 3 chunks, ties", torch.float32, (1, 3, 30001), "tensor", True),
-    ("radix float16, 80 token groups", torch.float16, (2, 40, 9), "token", False),
-    ("radix bfloat16, 100 token groups, ties", torch.bfloat16, (1, 100, 700), "token", True),
+    ("hist16, 2 blocks, 3 chunks, unaligned, ties", "row", torch.bfloat16, (1, 7, 10007), "sequence", True),
+    ("hist16, 6 chunks on the simulator's 2 SMs, across groups", "row", torch.bfloat16, (2, 6, 24001), "sequence",
+     False),
+    ("hist16, 2 chunks a group, aligned", "row", torch.float16, (2, 5, 8192), "sequence", False),
+    ("radix float32, 3 chunks, ties", "row", torch.float32, (1, 3, 30001), "tensor", True),
+    ("radix float16, 80 token groups", "hist16", torch.float16, (2, 40, 9), "token", False),
+    ("radix bfloat16, 100 token groups, ties", "hist16", torch.bfloat16, (1, 100, 700), "token", True),
+    ("row bfloat16, 2 groups of 32768, ties", "row", torch.bfloat16, (2, 4, 8192), "sequence", True),
+    ("row float32, 1 group of 16384 over 4 tokens", "row", torch.float32, (1, 4, 4096), "tensor", False),
+    ("row bfloat16, 100 token groups, ties", "row", torch.bfloat16, (1, 100, 700), "token", True),
 ]
 
 
-@pytest.mark.parametrize("name,dtype,shape,scope,ties", LARGE, ids=[case[0] for case in LARGE])
-def test_kernels_match_reference_past_one_block(simulated, name, dtype, shape, scope, ties):
+@pytest.mark.parametrize("name,plan,dtype,shape,scope,ties", LARGE, ids=[case[0] for case in LARGE])
+def test_kernels_match_reference_past_one_block(simulators, name, plan, dtype, shape, scope, ties):
     g = torch.Generator().manual_seed(sum(shape))
     x = tie_heavy(shape, g) if ties else torch.nn.functional.silu(torch.randn(*shape, generator=g) * 2)
     x = x.to(dtype)
     config = PRESETS["llama-3.1"].replace(scope=scope)
-    want = assert_bit_exact(simulated, name, x, None, None, config)
-    if ties:  # the case must split the threshold's ties, or it would not test the tie offsets
+    want = assert_bit_exact(simulators(plan), name, x, None, None, config)
+    if ties:  # the case must split the threshold's ties, or it would not test the tie ranking
         a = x.float().abs().reshape(-1, x.shape[-1] if scope == "token" else x[0].numel())
         moved = (bits(want) != bits(x)).reshape(a.shape)
         split = [(moved[g][a[g] == a[g][moved[g]].max()]) for g in range(a.shape[0]) if moved[g].any()]

@@ -1,9 +1,11 @@
 // The ARM op on CUDA (docs/arm-op-spec.md; design notes in export/cuda/README.md).
 //
 // Every statistic is an order statistic or a count, found by radix select on order-preserving
-// integer keys with histograms in the workspace: no sort, no host synchronisation, no device to
-// host copy, so armq_cuda_forward only enqueues kernels and can be captured in a CUDA graph.
-// Two plans share the final kernels:
+// integer keys with histograms: no sort, no host synchronisation, no device to host copy, so
+// armq_cuda_forward only enqueues kernels and can be captured in a CUDA graph.
+//   row (groups of at most kRowMaxBytes): one block per group holds the group in shared memory,
+//     selects every statistic there and writes the output; one launch, no workspace.
+// Larger groups take one of two plans that share the final kernels:
 //   hist16 (float16 / bfloat16, at most kMaxGroupsHist16 groups): one pass builds a 65536-bin
 //     histogram of the raw bits per group; one block per group reads the median, the MAD, the
 //     near-zero count, the threshold and the percentiles from it.
@@ -29,10 +31,21 @@ static_assert(kHist16Chunk < 65536, "a hist16 block counts at most 65535 element
 constexpr int kAnalyzeThreads = 1024;
 constexpr int kBins16 = 65536, kMags16 = 32768;
 constexpr int kMagsPerThread = kMags16 / kAnalyzeThreads;  // 32
-constexpr int64_t kMaxGroupsHist16 = 64;                   // 256 KiB of histogram per group
+// Plan limits. tests/test_arm_cuda_sim.py builds with smaller ones to send small inputs through
+// every plan.
+#ifndef ARMQ_MAX_GROUPS_HIST16
+#define ARMQ_MAX_GROUPS_HIST16 64
+#endif
+#ifndef ARMQ_ROW_MAX_BYTES
+#define ARMQ_ROW_MAX_BYTES (64 * 1024)
+#endif
+constexpr int64_t kMaxGroupsHist16 = ARMQ_MAX_GROUPS_HIST16;  // 256 KiB of histogram per group
 constexpr size_t kHist16Smem = kMags16 * sizeof(uint32_t);
 constexpr size_t kAnalyzeSmem = (kMags16 + kMags16 / 32) * sizeof(uint32_t);  // padded
 constexpr unsigned kFull = 0xFFFFFFFFu;
+constexpr int kRowThreads = 512;
+constexpr int64_t kRowMaxBytes = ARMQ_ROW_MAX_BYTES;  // row plan: a group's values fit in shared memory
+constexpr size_t kRowSmemMax = kRowMaxBytes + kRowMaxBytes / 2 / 8;  // values + a validity bit each (16-bit)
 
 enum KeyKind { KEY_ABS = 0, KEY_SIGNED = 1, KEY_DEV = 2 };
 enum Phase { PHASE_STATS = 0, PHASE_MAD = 1, PHASE_T = 2 };
@@ -627,6 +640,180 @@ __global__ void __launch_bounds__(kAnalyzeThreads)
     s.qp = percentile_value(signed_values[1], signed_values[2], p);
 }
 
+// --- row plan -------------------------------------------------------------------------------
+
+// The pick of a radix select over a group held in shared memory.
+struct RowPick {
+  uint32_t key;     // the selected key
+  uint32_t rank;    // rank of the selected element among the keys equal to it
+  uint32_t bucket;  // how many valid keys equal it
+};
+
+// The key of rank `rank` (0-based, ascending) among the valid elements of the group in shared
+// memory, 8 bits a pass. Every thread of the block calls it and gets the pick. The first pass's
+// histogram (no prefix yet) depends on the key alone: it is built in `first` when `have_first`
+// is false and reused as it stands when true, so selects of one key share it.
+template <class Tr, class Key>
+__device__ RowPick row_select(const typename Tr::raw* v, const uint32_t* valid, int L, Key key, int key_bits,
+                              uint32_t rank, uint32_t* first, bool have_first, uint32_t* hist, RowPick* pick_out) {
+  RowPick pick = {0, rank, 0};
+  for (int shift = key_bits - 8; shift >= 0; shift -= 8) {
+    const bool top = shift == key_bits - 8;
+    uint32_t* h = top ? first : hist;
+    if (!(top && have_first)) {
+      if (threadIdx.x < 256) h[threadIdx.x] = 0;
+      __syncthreads();
+      for (int j = threadIdx.x; j < L; j += kRowThreads) {
+        if (!(valid[j >> 5] >> (j & 31) & 1u)) continue;
+        uint32_t k = key(v[j]);
+        if (prefix_matches(k, pick.key, shift)) atomicAdd(&h[(k >> shift) & 255u], 1u);
+      }
+    }
+    __syncthreads();  // the histogram is complete, and every thread has read the last pick
+    if (threadIdx.x < 32) {
+      DigitPick d = warp_pick_digit(h, pick.rank, threadIdx.x);
+      if (threadIdx.x == 0) *pick_out = {pick.key | (d.digit << shift), (uint32_t)d.rank, d.bucket};
+    }
+    __syncthreads();
+    pick = *pick_out;
+  }
+  return pick;
+}
+
+// One block per group of at most kRowMaxBytes: the group is read once into shared memory, every
+// statistic comes from radix selects there, and the output is written from it. One launch, no
+// workspace: the plan for small groups (decode steps, scope token), where the other plans' fixed
+// costs (a 65536-bin histogram, or a pass over global memory per digit) would dominate.
+template <class Tr>
+__global__ void __launch_bounds__(kRowThreads)
+    k_row(const typename Tr::raw* x, typename Tr::raw* y, Problem P, armq_attrs at) {
+  typedef typename Tr::raw raw;
+  typedef cub::BlockReduce<uint32_t, kRowThreads> Reduce;
+  typedef cub::BlockScan<uint32_t, kRowThreads> Scan;
+  extern __shared__ uint4 smem_row[];
+  __shared__ union {
+    typename Reduce::TempStorage reduce;
+    typename Scan::TempStorage scan;
+  } tmp;
+  __shared__ uint32_t hist[256], first_abs[256], first_pool[256], warp_min[kRowThreads / 32], shared_u32;
+  __shared__ RowPick pick_out;
+  const int L = (int)P.L, t = threadIdx.x, lane = t & 31, warp = t >> 5;
+  const int words = (L + 31) / 32;
+  raw* v = reinterpret_cast<raw*>(smem_row);
+  uint32_t* valid = reinterpret_cast<uint32_t*>(smem_row) + (L * (int)sizeof(raw) + 15) / 16 * 4;
+  const int64_t begin = (int64_t)blockIdx.x * L;
+  auto block_sum = [&](uint32_t c) {
+    c = Reduce(tmp.reduce).Sum(c);
+    if (t == 0) shared_u32 = c;
+    __syncthreads();
+    c = shared_u32;
+    __syncthreads();  // tmp and shared_u32 are reused
+    return c;
+  };
+
+  // The group's values go to shared memory in 16-byte pieces where alignment allows: loads with
+  // no dependence between them, all in flight at once.
+  const raw* xg = x + begin;
+  raw* yg = y + begin;
+  const bool vec = reinterpret_cast<uintptr_t>(xg) % 16 == 0 && reinterpret_cast<uintptr_t>(yg) % 16 == 0 &&
+                   L * (int)sizeof(raw) % 16 == 0;  // uniform per block
+  auto store_row = [&] {
+    if (vec) {
+      for (int i = t; i < L * (int)sizeof(raw) / 16; i += kRowThreads) reinterpret_cast<uint4*>(yg)[i] = smem_row[i];
+    } else {
+      for (int j = t; j < L; j += kRowThreads) yg[j] = v[j];
+    }
+  };
+  if (vec) {
+    for (int i = t; i < L * (int)sizeof(raw) / 16; i += kRowThreads) smem_row[i] = reinterpret_cast<const uint4*>(xg)[i];
+  } else {
+    for (int j = t; j < L; j += kRowThreads) v[j] = xg[j];
+  }
+  __syncthreads();
+  // Which elements are valid: each warp takes words of 32 consecutive elements.
+  uint32_t count = 0, min_key = 0xFFFFFFFFu;
+  for (int w = warp; w < words; w += kRowThreads / 32) {  // uniform per warp
+    const int j = w * 32 + lane;
+    bool ok = false;
+    if (j < L) {
+      const raw r = v[j];
+      ok = finite_f32(Tr::widen(r)) && (P.mask_type == ARMQ_MASK_NONE || token_valid(P, token_of(P, begin + j)));
+      if (ok) min_key = min(min_key, Tr::key_signed(r));
+    }
+    const unsigned ball = __ballot_sync(kFull, ok);
+    if (lane == 0) valid[w] = ball;
+    count += ok;
+  }
+  for (int d = 16; d; d /= 2) min_key = min(min_key, __shfl_xor_sync(kFull, min_key, d));
+  if (lane == 0) warp_min[warp] = min_key;
+  const uint32_t N = block_sum(count);  // its barriers also publish valid and warp_min
+  if (N == 0) {
+    store_row();
+    return;
+  }
+  for (int w = 0; w < kRowThreads / 32; ++w) min_key = min(min_key, warp_min[w]);
+
+  // Statistics (spec steps 2 to 9), each select over the valid elements in shared memory.
+  auto key_abs = [](raw r) { return Tr::key_abs(r); };
+  const RowPick m_pick = row_select<Tr>(v, valid, L, key_abs, Tr::KEY_BITS, (uint32_t)median_rank(N), first_abs,
+                                        false, hist, &pick_out);
+  const float m = Tr::from_key_abs(m_pick.key);
+  const Percentile p = percentile_ranks(N, at.p1);
+  float qp;
+  if (at.percentile_abs) {
+    const uint32_t lo =
+        row_select<Tr>(v, valid, L, key_abs, Tr::KEY_BITS, (uint32_t)p.lo, first_abs, true, hist, &pick_out).key;
+    const uint32_t hi =
+        row_select<Tr>(v, valid, L, key_abs, Tr::KEY_BITS, (uint32_t)p.hi, first_abs, true, hist, &pick_out).key;
+    qp = percentile_value(Tr::from_key_abs(lo), Tr::from_key_abs(hi), p);
+  } else {
+    auto key_signed = [](raw r) { return Tr::key_signed(r); };
+    const uint32_t lo =
+        row_select<Tr>(v, valid, L, key_signed, Tr::KEY_BITS, (uint32_t)p.lo, first_pool, false, hist, &pick_out).key;
+    const uint32_t hi =
+        row_select<Tr>(v, valid, L, key_signed, Tr::KEY_BITS, (uint32_t)p.hi, first_pool, true, hist, &pick_out).key;
+    qp = percentile_value(Tr::from_key_signed(lo), Tr::from_key_signed(hi), p);
+  }
+  const float mneg = fabsf(Tr::from_key_signed(min_key));
+  auto key_dev = [m](raw r) { return key_deviation(fabsf(Tr::widen(r)), m); };
+  const float mad = f32_from_bits(
+      row_select<Tr>(v, valid, L, key_dev, 32, (uint32_t)median_rank(N), first_pool, false, hist, &pick_out).key);
+  const float eps = eps_value(mad, at);
+  uint32_t near_zero = 0;
+  if (!at.share_fixed) {
+    uint32_t c = 0;
+    for (int j = t; j < L; j += kRowThreads)
+      if ((valid[j >> 5] >> (j & 31) & 1u) && fabsf(Tr::widen(v[j])) < eps) ++c;
+    near_zero = block_sum(c);
+  }
+  const uint32_t n = (uint32_t)moved_count(N, near_zero, at);
+  const RowPick t_pick = row_select<Tr>(v, valid, L, key_abs, Tr::KEY_BITS, n - 1, first_abs, true, hist, &pick_out);
+  const uint32_t t_key = t_pick.key, need = t_pick.rank + 1;
+  const bool partial = need < t_pick.bucket;
+
+  // Selection and output: each thread takes a contiguous segment, so one scan ranks the ties.
+  const int seg = (L + kRowThreads - 1) / kRowThreads, lo = min(L, t * seg), hi = min(L, lo + seg);
+  uint32_t tie_rank = 0;
+  if (partial) {
+    uint32_t ties = 0, total;
+    for (int j = lo; j < hi; ++j)
+      if ((valid[j >> 5] >> (j & 31) & 1u) && Tr::key_abs(v[j]) == t_key) ++ties;
+    Scan(tmp.scan).ExclusiveSum(ties, tie_rank, total);
+  }
+  for (int j = lo; j < hi; ++j) {
+    if (!(valid[j >> 5] >> (j & 31) & 1u)) continue;
+    const uint32_t key = Tr::key_abs(v[j]);
+    bool selected = key < t_key;
+    if (key == t_key) selected = !partial || tie_rank++ < need;
+    if (!selected) continue;
+    const int64_t flat = begin + j, token = token_of(P, flat);
+    const float u = uniform((uint32_t)(flat - token * P.I), position_of(P, token), at.seed);
+    v[j] = Tr::narrow(moved_value(Tr::widen(v[j]), u, qp, mneg));
+  }
+  __syncthreads();
+  store_row();
+}
+
 // --- shared final kernels -------------------------------------------------------------------
 
 __device__ __forceinline__ bool takes_some_ties(const GroupState& s) { return s.n > 0 && s.need < s.ties; }
@@ -795,7 +982,9 @@ size_t align_up(size_t v) { return (v + 255) & ~size_t(255); }
 // Workspace layout; armq_cuda_workspace_bytes and armq_cuda_forward derive it the same way.
 struct Plan {
   int64_t G, L, chunks, chunks16;
-  bool hist16;
+  bool row;     // every group fits in shared memory: k_row alone
+  bool hist16;  // otherwise, 16-bit data in few groups: one 65536-bin histogram a group
+  size_t row_smem;
   size_t off_hist, off_ties, off_offset, bytes;
 };
 
@@ -806,7 +995,10 @@ Plan make_plan(armq_dtype dtype, int64_t B, int64_t S, int64_t I, const armq_att
   p.L = p.G ? tokens * I / p.G : 0;
   p.chunks = (p.L + kChunk - 1) / kChunk;
   p.chunks16 = (p.L + kHist16Chunk - 1) / kHist16Chunk;
-  p.hist16 = dtype != ARMQ_FLOAT32 && p.G <= kMaxGroupsHist16;
+  const int64_t elem = dtype == ARMQ_FLOAT32 ? 4 : 2;
+  p.row = p.L > 0 && p.L * elem <= kRowMaxBytes;
+  p.row_smem = (size_t)((p.L * elem + 15) / 16 * 16 + (p.L + 31) / 32 * 4);
+  p.hist16 = !p.row && dtype != ARMQ_FLOAT32 && p.G <= kMaxGroupsHist16;
   size_t state = align_up(sizeof(GroupState) * (size_t)p.G);
   size_t hist = align_up(sizeof(uint32_t) * (size_t)p.G * (p.hist16 ? kBins16 : 3 * 256));
   size_t ties = align_up(sizeof(uint32_t) * (size_t)(p.G * p.chunks));
@@ -818,31 +1010,40 @@ Plan make_plan(armq_dtype dtype, int64_t B, int64_t S, int64_t I, const armq_att
   return p;
 }
 
+// Once per device and dtype: opt the kernels that need it in to more than 48 KiB of shared
+// memory (a function setting, not a stream operation; the first call, which in practice precedes
+// any capture, does it), and read the SM count that sizes k_hist16's persistent grid.
+template <class Tr>
+cudaError_t device_setup(int* sms) {
+  static bool done[64] = {};
+  static int sm_count[64] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 64 && done[device]) {
+    *sms = sm_count[device];
+    return cudaSuccess;
+  }
+  err = cudaFuncSetAttribute(k_row<Tr>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kRowSmemMax);
+  if constexpr (Tr::KEY_BITS == 16) {
+    if (err == cudaSuccess)
+      err = cudaFuncSetAttribute(k_hist16<Tr>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kHist16Smem);
+    if (err == cudaSuccess)
+      err = cudaFuncSetAttribute(k_analyze16<Tr>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kAnalyzeSmem);
+  }
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  if (device < 64) {
+    done[device] = true;
+    sm_count[device] = *sms;
+  }
+  return cudaSuccess;
+}
+
 // Statistics from one 65536-bin histogram per group (16-bit dtypes, few groups).
 template <class Tr>
 cudaError_t enqueue_hist16(const typename Tr::raw* x, const Problem& P, const Plan& plan, GroupState* st,
-                           uint32_t* hist, const armq_attrs& at, cudaStream_t stream) {
-  // Opt in to more than 48 KiB of shared memory, once per device (a function setting, not a
-  // stream operation; done before the first launch, which in practice precedes any capture).
-  // The SM count sizes k_hist16's persistent grid (a device property, not a stream operation).
-  static bool opted_in[64] = {};
-  static int sm_count[64] = {};
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device >= 64 || !opted_in[device]) {
-    err = cudaFuncSetAttribute(k_hist16<Tr>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kHist16Smem);
-    if (err == cudaSuccess)
-      err = cudaFuncSetAttribute(k_analyze16<Tr>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kAnalyzeSmem);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (err != cudaSuccess) return err;
-    if (device < 64) {
-      opted_in[device] = true;
-      sm_count[device] = sms;
-    }
-  } else {
-    sms = sm_count[device];
-  }
+                           uint32_t* hist, const armq_attrs& at, int sms, cudaStream_t stream) {
   Problem P16 = P;
   P16.chunk = kHist16Chunk;
   P16.chunks = plan.chunks16;
@@ -903,11 +1104,18 @@ int forward(const void* xv, void* yv, int64_t S, int64_t I, const void* mask, ar
   P.index32 = plan.G * plan.L < (int64_t(1) << 32);
   const unsigned blocks = (unsigned)(plan.G * plan.chunks);
 
+  int sms = 0;
+  cudaError_t err = device_setup<Tr>(&sms);
+  if (err != cudaSuccess) return err;
+  if (plan.row) {
+    k_row<Tr><<<(unsigned)plan.G, kRowThreads, plan.row_smem, stream>>>(x, y, P, at);
+    return cudaGetLastError();
+  }
   // Zero the group states and histograms (the tie buffers are written before they are read).
-  cudaError_t err = cudaMemsetAsync(ws, 0, plan.off_ties, stream);
+  err = cudaMemsetAsync(ws, 0, plan.off_ties, stream);
   if (err != cudaSuccess) return err;
   if constexpr (Tr::KEY_BITS == 16) {
-    err = plan.hist16 ? enqueue_hist16<Tr>(x, P, plan, st, hist, at, stream)
+    err = plan.hist16 ? enqueue_hist16<Tr>(x, P, plan, st, hist, at, sms, stream)
                       : enqueue_radix<Tr>(x, P, plan, st, hist, at, stream);
   } else {
     err = enqueue_radix<Tr>(x, P, plan, st, hist, at, stream);
