@@ -5,9 +5,10 @@ each block's threads are fibers that meet at __syncthreads and at the warp colle
 and threads run in shuffled orders, and cub's block scan and reduce are stood in for. The
 source is compiled with the host compiler after two mechanical rewrites (kernel launches and
 `extern __shared__` arrays), so indexing, chunking, tie offsets, shared-memory staging and
-warp-level code are all exercised, including which plan (hist16 or radix) a shape gets. What
-the simulator cannot check, races it happens to order away, memory errors and speed, is left to
-benchmarks/gpu_check.sh on a GPU.
+warp-level code are all exercised, including which plan (row, hist16 or radix) a shape gets.
+What the simulator cannot check, races it happens to order away, memory errors and speed, is
+left to benchmarks/gpu_check.sh on a GPU; the last test here runs that script's checks against
+the simulated kernel.
 """
 
 from __future__ import annotations
@@ -327,3 +328,37 @@ def test_simulator_reports_divergent_collectives(faulty, kernel, message):
     faulty.armq_sim_reset()
     getattr(faulty, kernel)(out.ctypes.data_as(ctypes.c_void_p))
     assert message in faulty.armq_sim_error().decode()
+
+
+def test_gpu_check_script_runs_on_the_simulated_kernel(simulators, monkeypatch, capsys):
+    # benchmarks/gpu_check.py's parity, large-parity, binding and timing sections with a baseline,
+    # and its summary, driven end to end on CPU tensors through the simulated kernel, so that a
+    # mistake in the script does not cost a GPU session. CUDA-only parts are stood in for: events,
+    # graphs and timing (the numbers mean nothing here), graph capture and the profiler breakdown.
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    gpu_check = importlib.import_module("gpu_check")
+    monkeypatch.setattr(gpu_check, "DEVICE", "cpu")
+    monkeypatch.setattr(gpu_check, "BENCH_SHAPES", [(1, 8, 9000)])  # hist16 in bfloat16, radix in float32
+    monkeypatch.setattr(gpu_check, "DECODE_SHAPES", [(1, 1, 1024), (2, 1, 1024)])
+    monkeypatch.setattr(gpu_check, "SMALL_SHAPES", [(1, 1, 1), (2, 3, 37)])
+    monkeypatch.setattr(gpu_check, "KINDS", ["silu", "ties", "mask_int64_positions"])
+    monkeypatch.setattr(gpu_check, "RADIX16_SHAPE", (66, 1, 40))
+    monkeypatch.setattr(gpu_check, "published_arm", lambda x: None)
+    monkeypatch.setattr(gpu_check, "cuda_time_ms", lambda fn, iters, warmup=0: (fn(), 1.0)[1])
+    monkeypatch.setattr(gpu_check, "graph_time_ms", lambda fn, iters: (fn(), 1.0)[1])
+    monkeypatch.setattr(gpu_check, "graph_check", lambda kernel: {"failures": []})
+    monkeypatch.setattr(gpu_check, "kernel_breakdown", lambda kernel, shapes, label="new": [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "simulated")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: type("Stream", (), {"cuda_stream": 0})())
+    lib = simulators("row")._name
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--lib", lib, "--baseline-lib", lib, "--quick", "--seed", "5"])
+    rc = gpu_check.main()
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert "RESULT: PASS" in out and "new/base" in out and "outputs equal to the new kernel's" in out
