@@ -222,6 +222,8 @@ LARGE = [
     ("hist16, 6 chunks on the simulator's 2 SMs, across groups", "row", torch.bfloat16, (2, 6, 24001), "sequence",
      False),
     ("hist16, 2 chunks a group, aligned", "row", torch.float16, (2, 5, 8192), "sequence", False),
+    ("hist16, a block's chunks span groups", "row", torch.bfloat16, (3, 2, 20000), "sequence", False),
+    ("hist16, one value: a bin past 16 bits", "row", torch.bfloat16, (1, 8, 24000), "tensor", "constant"),
     ("radix float32, 3 chunks, ties", "row", torch.float32, (1, 3, 30001), "tensor", True),
     ("radix float16, 80 token groups", "hist16", torch.float16, (2, 40, 9), "token", False),
     ("radix bfloat16, 100 token groups, ties", "hist16", torch.bfloat16, (1, 100, 700), "token", True),
@@ -234,11 +236,16 @@ LARGE = [
 @pytest.mark.parametrize("name,plan,dtype,shape,scope,ties", LARGE, ids=[case[0] for case in LARGE])
 def test_kernels_match_reference_past_one_block(simulators, name, plan, dtype, shape, scope, ties):
     g = torch.Generator().manual_seed(sum(shape))
-    x = tie_heavy(shape, g) if ties else torch.nn.functional.silu(torch.randn(*shape, generator=g) * 2)
+    if ties == "constant":  # 192000 copies of one value: 48000 a block on each of the 2 SMs
+        x = torch.full(shape, 0.75)
+    elif ties:
+        x = tie_heavy(shape, g)
+    else:
+        x = torch.nn.functional.silu(torch.randn(*shape, generator=g) * 2)
     x = x.to(dtype)
     config = PRESETS["llama-3.1"].replace(scope=scope)
     want = assert_bit_exact(simulators(plan), name, x, None, None, config)
-    if ties:  # the case must split the threshold's ties, or it would not test the tie ranking
+    if ties is True:  # the case must split the threshold's ties, or it would not test the tie ranking
         a = x.float().abs().reshape(-1, x.shape[-1] if scope == "token" else x[0].numel())
         moved = (bits(want) != bits(x)).reshape(a.shape)
         split = [(moved[g][a[g] == a[g][moved[g]].max()]) for g in range(a.shape[0]) if moved[g].any()]

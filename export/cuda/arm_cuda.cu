@@ -398,10 +398,14 @@ __global__ void k_moved_count(GroupState* st, int64_t G, armq_attrs at) {
 // --- hist16 plan ----------------------------------------------------------------------------
 
 // 65536-bin histogram of the raw bits of the valid elements, per group. Shared counters are
-// 16 bits wide, two to a word (128 KiB, so one block an SM), which is why a chunk holds fewer
-// than 65536 elements and is flushed into its group's histogram before the next. Blocks are
-// persistent, one an SM, each taking every gridDim.x-th chunk, and issue the next chunk's first
-// loads before the flush, so that memory is busy while it runs.
+// 16 bits wide, two to a word (128 KiB, so one block an SM), so a block counts chunks of fewer
+// than 65536 elements. Blocks are persistent, one an SM, each taking a run of consecutive
+// chunks. Between chunks of one group only counters above kHist16Keep move to the group's
+// histogram in global memory (the next chunk cannot overflow the others), so most bins are
+// added there once a block rather than once a chunk; at the end of a group, all of them. The
+// next chunk's first loads are issued before that flush, so that memory is busy while it runs.
+constexpr uint32_t kHist16Keep = 65535 - (uint32_t)kHist16Chunk;
+
 template <class Tr>
 __global__ void __launch_bounds__(kHist16Threads)
     k_hist16(const typename Tr::raw* x, Problem P, int64_t chunks, uint32_t* hist) {
@@ -413,7 +417,10 @@ __global__ void __launch_bounds__(kHist16Threads)
     return cr.begin + ((int64_t)tile * kHist16Threads + threadIdx.x) * Tr::VEC;
   };
   Run<Tr> runs[kBatch];
-  int64_t chunk = blockIdx.x;  // the grid has at most `chunks` blocks
+  const int64_t per_block = (chunks + gridDim.x - 1) / gridDim.x;
+  int64_t chunk = blockIdx.x * per_block;
+  const int64_t last = min(chunk + per_block, chunks);
+  if (chunk >= last) return;  // uniform per block
   ChunkRange cr = chunk_range_of(P, chunk);
 #pragma unroll
   for (int i = 0; i < kBatch; ++i) fetch_run<Tr>(x, P, start_of(cr, i), cr.end, runs[i]);
@@ -439,22 +446,24 @@ __global__ void __launch_bounds__(kHist16Threads)
       }
     }
     __syncthreads();
-    const int64_t next = chunk + gridDim.x;  // uniform per block
+    const int64_t next = chunk + 1;  // uniform per block
     ChunkRange next_cr = cr;
-    if (next < chunks) {
+    if (next < last) {
       next_cr = chunk_range_of(P, next);
 #pragma unroll
       for (int i = 0; i < kBatch; ++i) fetch_run<Tr>(x, P, start_of(next_cr, i), next_cr.end, runs[i]);
     }
+    const uint32_t keep = next < last && next_cr.g == cr.g ? kHist16Keep : 0;
     uint32_t* h = hist + cr.g * kBins16;
-    for (int w = threadIdx.x; w < kMags16; w += kHist16Threads) {  // flush, and zero for the next chunk
-      uint32_t v = sh[w];
+    for (int w = threadIdx.x; w < kMags16; w += kHist16Threads) {
+      const uint32_t v = sh[w];
       if (!v) continue;
-      sh[w] = 0;
-      if (v & 0xFFFFu) atomicAdd(&h[2 * w], v & 0xFFFFu);
-      if (v >> 16) atomicAdd(&h[2 * w + 1], v >> 16);
+      const uint32_t lo = (v & 0xFFFFu) > keep ? v & 0xFFFFu : 0, hi = (v >> 16) > keep ? v >> 16 : 0;
+      if (lo) atomicAdd(&h[2 * w], lo);
+      if (hi) atomicAdd(&h[2 * w + 1], hi);
+      if (lo | hi) sh[w] = v - (lo | hi << 16);
     }
-    if (next >= chunks) break;
+    if (next >= last) break;
     __syncthreads();
     chunk = next;
     cr = next_cr;
