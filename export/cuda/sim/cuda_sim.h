@@ -86,7 +86,9 @@ struct State {
 
 constexpr size_t kDefaultDynamicShared = 48 * 1024;
 
-inline State& state() {
+// Internal linkage: as an inline function its static would be one object (STB_GNU_UNIQUE) shared
+// by every simulator library loaded in the process, errors included.
+static State& state() {
   static State s;
   return s;
 }
