@@ -784,7 +784,7 @@ __global__ void __launch_bounds__(kRowThreads)
     qp = percentile_value(Tr::from_key_signed(lo), Tr::from_key_signed(hi), p);
   }
   const float mneg = fabsf(Tr::from_key_signed(min_key));
-  auto key_dev = [m](raw r) { return key_deviation(fabsf(Tr::widen(r)), m); };
+  auto key_dev = [m](raw r) { return key_deviation(fabsf(Tr::widen(r)), m); };  // first_pool is free again
   const float mad = f32_from_bits(
       row_select<Tr>(v, valid, L, key_dev, 32, (uint32_t)median_rank(N), first_pool, false, hist, &pick_out).key);
   const float eps = eps_value(mad, at);
