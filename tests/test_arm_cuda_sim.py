@@ -6,17 +6,19 @@ and threads run in shuffled orders, and cub's block scan and reduce are stood in
 source is compiled with the host compiler after two mechanical rewrites (kernel launches and
 `extern __shared__` arrays), so indexing, chunking, tie offsets, shared-memory staging and
 warp-level code are all exercised, including which plan (row, hist16 or radix) a shape gets.
-What the simulator cannot check, races it happens to order away, memory errors and speed, is
-left to benchmarks/gpu_check.sh on a GPU; the last test here runs that script's checks against
-the simulated kernel.
+One test runs them again under AddressSanitizer for out-of-bounds accesses. What the simulator
+cannot check, races it happens to order away and speed, is left to benchmarks/gpu_check.sh on a
+GPU; the last test here runs that script's checks against the simulated kernel.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +36,12 @@ KERNEL_LAUNCH = re.compile(r"((?:\w+::)*[A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<(.*?)>>>
 DYNAMIC_SHARED = re.compile(r"extern __shared__ (\w+) (\w+)\[\];")
 
 
-def compile_for_simulator(source: Path, out_dir: Path, name: str, harness: str = "",
-                          defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+def build_for_simulator(source: Path, out_dir: Path, name: str, harness: str = "",
+                        defines: tuple[str, ...] = (), flags: tuple[str, ...] = ()) -> Path:
     """Rewrites launches and dynamic shared arrays for cuda_sim.h and builds a shared library.
 
     `harness` is CUDA source appended to the file, to launch one of its kernels directly;
-    `defines` are -D options."""
+    `defines` are -D options, `flags` other compiler options."""
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip(f"no C++ compiler (g++) to build {source.name} for the CUDA simulator")
@@ -50,14 +52,25 @@ def compile_for_simulator(source: Path, out_dir: Path, name: str, harness: str =
     rewritten.write_text(f'#line 1 "{source}"\n{text}')  # compiler messages point at the real file
     lib = out_dir / f"lib{name}.so"
     built = subprocess.run(
-        [compiler, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-I", str(SIM_DIR / "include"),
+        [compiler, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC", *flags, "-I", str(SIM_DIR / "include"),
          "-I", str(source.parent), "-include", str(SIM_DIR / "cuda_sim.h"), *(f"-D{d}" for d in defines),
          "-o", str(lib), str(rewritten)],
         capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, f"{source.name} does not build for the simulator:\n{built.stderr[-4000:]}"
-    built = ctypes.CDLL(str(lib))
-    built.armq_sim_error.restype = ctypes.c_char_p
-    return built
+    return lib
+
+
+def load_simulator(path: Path) -> ctypes.CDLL:
+    """A simulator build of arm_cuda.cu, with the C ABI's argument types."""
+    lib = ctypes.CDLL(str(path))
+    lib.armq_sim_error.restype = ctypes.c_char_p
+    lib.armq_cuda_workspace_bytes.restype = ctypes.c_size_t
+    lib.armq_cuda_workspace_bytes.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    lib.armq_cuda_forward.argtypes = (
+        [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3
+        + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+           ctypes.c_void_p])
+    return lib
 
 
 # k_tie_scan on its own: the ARM cases would need more than 256 chunks (8M elements) a group to
@@ -92,15 +105,9 @@ def simulators(tmp_path_factory):
 
     def get(plan: str) -> ctypes.CDLL:
         if plan not in built:
-            lib = compile_for_simulator(CUDA_DIR / "arm_cuda.cu", tmp_path_factory.mktemp(f"sim_{plan}"),
-                                        "arm_cuda_sim", TIE_SCAN_HARNESS, PLAN_BUILDS[plan])
-            lib.armq_cuda_workspace_bytes.restype = ctypes.c_size_t
-            lib.armq_cuda_workspace_bytes.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
-            lib.armq_cuda_forward.argtypes = (
-                [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3
-                + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                   ctypes.c_void_p])
-            built[plan] = lib
+            built[plan] = load_simulator(build_for_simulator(
+                CUDA_DIR / "arm_cuda.cu", tmp_path_factory.mktemp(f"sim_{plan}"), "arm_cuda_sim", TIE_SCAN_HARNESS,
+                PLAN_BUILDS[plan]))
         return built[plan]
 
     return get
@@ -233,8 +240,7 @@ LARGE = [
 ]
 
 
-@pytest.mark.parametrize("name,plan,dtype,shape,scope,ties", LARGE, ids=[case[0] for case in LARGE])
-def test_kernels_match_reference_past_one_block(simulators, name, plan, dtype, shape, scope, ties):
+def large_input(dtype, shape, ties) -> torch.Tensor:
     g = torch.Generator().manual_seed(sum(shape))
     if ties == "constant":  # 192000 copies of one value: 48000 a block on each of the 2 SMs
         x = torch.full(shape, 0.75)
@@ -242,7 +248,12 @@ def test_kernels_match_reference_past_one_block(simulators, name, plan, dtype, s
         x = tie_heavy(shape, g)
     else:
         x = torch.nn.functional.silu(torch.randn(*shape, generator=g) * 2)
-    x = x.to(dtype)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("name,plan,dtype,shape,scope,ties", LARGE, ids=[case[0] for case in LARGE])
+def test_kernels_match_reference_past_one_block(simulators, name, plan, dtype, shape, scope, ties):
+    x = large_input(dtype, shape, ties)
     config = PRESETS["llama-3.1"].replace(scope=scope)
     want = assert_bit_exact(simulators(plan), name, x, None, None, config)
     if ties is True:  # the case must split the threshold's ties, or it would not test the tie ranking
@@ -285,6 +296,46 @@ def test_philox_known_answer_through_uniform(simulated):
     assert y.item() == float(np.float32(u * np.float32(3.0)))
 
 
+# Run in a subprocess with AddressSanitizer preloaded: every plan over the edge cases with one
+# preset, and the large cases.
+SANITIZED_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_arm_cuda_sim import DTYPES, LARGE, PRESETS, assert_bit_exact, cases, large_input, load_simulator
+libs = {{plan: load_simulator(Path(path)) for plan, path in {paths!r}.items()}}
+for plan, lib in libs.items():
+    for dtype in DTYPES:
+        for scope in ("tensor", "sequence", "token"):
+            for name, x, mask, positions in cases(dtype, seed=1):
+                assert_bit_exact(lib, name, x, mask, positions, PRESETS["llama-3.1"].replace(scope=scope))
+for name, plan, dtype, shape, scope, ties in LARGE:
+    x = large_input(dtype, shape, ties)
+    assert_bit_exact(libs[plan], name, x, None, None, PRESETS["llama-3.1"].replace(scope=scope))
+print("no memory errors")
+"""
+
+
+def test_kernels_make_no_out_of_bounds_access(tmp_path):
+    # AddressSanitizer watches the kernels' accesses to the input, output, mask, positions,
+    # workspace and dynamic shared memory (not the static __shared__ arrays, which live in a
+    # section of their own). Tails, chunk edges and unaligned groups are where such bugs hide.
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler (g++) to build the simulator")
+    libasan = subprocess.run([compiler, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not Path(libasan).is_absolute() or not Path(libasan).exists():
+        pytest.skip(f"{compiler} has no AddressSanitizer runtime (libasan.so)")
+    paths = {plan: str(build_for_simulator(CUDA_DIR / "arm_cuda.cu", tmp_path, f"arm_cuda_asan_{plan}",
+                                           defines=PLAN_BUILDS[plan],
+                                           flags=("-fsanitize=address", "-fno-omit-frame-pointer")))
+             for plan in PLAN_BUILDS}
+    env = {**os.environ, "LD_PRELOAD": libasan, "ASAN_OPTIONS": "detect_leaks=0:detect_stack_use_after_return=0"}
+    run = subprocess.run([sys.executable, "-c", SANITIZED_RUN.format(tests=str(ROOT / "tests"), paths=paths)],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and "no memory errors" in run.stdout, run.stderr[-6000:]
+
+
 # The simulator must be able to fail: kernels with the mistakes it exists to catch.
 FAULTY_KERNELS = r"""
 __global__ void rotate(int* out, int sync) {
@@ -314,7 +365,9 @@ def faulty(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("sim_faulty")
     source = out_dir / "faulty.cu"
     source.write_text(FAULTY_KERNELS)
-    return compile_for_simulator(source, out_dir, "faulty")
+    lib = ctypes.CDLL(str(build_for_simulator(source, out_dir, "faulty")))
+    lib.armq_sim_error.restype = ctypes.c_char_p
+    return lib
 
 
 def test_simulator_catches_a_missing_barrier(faulty):
@@ -343,7 +396,6 @@ def test_gpu_check_script_runs_on_the_simulated_kernel(simulators, monkeypatch, 
     # mistake in the script does not cost a GPU session. CUDA-only parts are stood in for: events,
     # graphs and timing (the numbers mean nothing here), graph capture and the profiler breakdown.
     import importlib
-    import sys
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     gpu_check = importlib.import_module("gpu_check")

@@ -11,8 +11,10 @@
 // never be released (a __syncthreads some threads skip, a warp collective in divergent code)
 // stops the launch and is reported by armq_sim_error, as is any launch larger than the GPU allows.
 //
-// What it cannot see: races between threads that the fiber order happens to hide, memory
-// errors (use the sanitizers on the GPU), and anything about speed.
+// What it cannot see: races between threads that the fiber order happens to hide, and anything
+// about speed. Built with -fsanitize=address (the tests do), it also catches out-of-bounds
+// accesses to global and dynamic shared memory; not to static __shared__ arrays, which sit in a
+// section of their own.
 #pragma once
 #include <math.h>
 #include <stdint.h>
