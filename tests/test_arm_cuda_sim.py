@@ -26,12 +26,13 @@ import pytest
 import torch
 
 from armquant.arm import PRESETS, ARMConfig, arm_reference
+from armquant import _native
 from armquant._native import KernelAttrs
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "export" / "cuda"
 SIM_DIR = CUDA_DIR / "sim"
-DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPES = _native._DTYPES
 KERNEL_LAUNCH = re.compile(r"((?:\w+::)*[A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<(.*?)>>>\(")
 DYNAMIC_SHARED = re.compile(r"extern __shared__ (\w+) (\w+)\[\];")
 
@@ -119,16 +120,11 @@ def simulated(simulators):
 
 
 def simulate(lib, x, mask, positions, config):
-    """armq_cuda_forward on CPU tensors, through the simulator; fails the test on any simulator error."""
-    x3 = x.contiguous().reshape(-1, *x.shape[-2:]) if x.dim() == 3 else x.reshape(1, *x.shape)
-    B, S, I = x3.shape
-    y = torch.empty_like(x3)
-    mask_type = 0
-    if mask is not None:
-        mask = mask.to(torch.uint8 if mask.dtype == torch.bool else torch.int64).contiguous()
-        mask_type = 1 if mask.dtype == torch.uint8 else 2
-    if positions is not None:
-        positions = positions.to(torch.int64).contiguous()
+    """armq_cuda_forward on CPU tensors, through the simulator; fails the test on any simulator error.
+
+    The inputs are prepared as the PyTorch binding prepares them for the CUDA kernel."""
+    x, mask, mask_type, positions, B, S, I = _native._prepare(x, mask, positions)
+    y = torch.empty_like(x)
     attrs = KernelAttrs.of(config)
     dtype = DTYPES[x.dtype]
     nbytes = lib.armq_cuda_workspace_bytes(dtype, B, S, I, ctypes.byref(attrs))
@@ -136,12 +132,11 @@ def simulate(lib, x, mask, positions, config):
     workspace = torch.full((max(nbytes, 1),), 0xA5, dtype=torch.uint8)
     lib.armq_sim_reset()
     rc = lib.armq_cuda_forward(
-        dtype, x3.data_ptr(), y.data_ptr(), B, S, I, mask.data_ptr() if mask is not None else None, mask_type,
-        positions.data_ptr() if positions is not None else None, ctypes.byref(attrs), workspace.data_ptr(), nbytes,
-        None)
+        dtype, x.data_ptr(), y.data_ptr(), B, S, I, _native._pointer(mask), mask_type, _native._pointer(positions),
+        ctypes.byref(attrs), workspace.data_ptr(), nbytes, None)
     error = lib.armq_sim_error().decode()
     assert rc == 0 and not error, f"armq_cuda_forward returned {rc}: {error}"
-    return y.reshape(x.shape)
+    return y
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -187,7 +182,6 @@ CONFIGS = [
     ARMConfig(c=0.5, share="fixed", p1=100.0, percentile_of="signed", seed=7),
     ARMConfig(c=1.0, share="fixed", p1=37.3, percentile_of="abs"),
 ]
-
 
 
 def assert_bit_exact(lib, name, x, mask, positions, config):
