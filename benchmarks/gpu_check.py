@@ -33,9 +33,10 @@ from published_arm import published_arm  # noqa: E402
 from armquant._io import write_json  # noqa: E402
 from armquant._provenance import provenance  # noqa: E402
 from armquant.arm import PRESETS, ARMConfig, arm_reference  # noqa: E402
+from armquant import _native  # noqa: E402
 from armquant._native import KernelAttrs  # noqa: E402
 
-DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPES = _native._DTYPES
 SCOPES = {"tensor": 0, "sequence": 1, "token": 2}
 T0 = time.perf_counter()
 DEVICE = "cuda"  # "cpu" only in a smoke test of this script with a stand-in kernel
@@ -69,23 +70,15 @@ class CudaARM:
 
     def prepare(self, x, mask, positions, config, out=None):
         """Argument tuple for armq_cuda_forward (buffers kept alive in the tuple's owner list)."""
-        B, S, I = x.shape if x.dim() == 3 else (1, *x.shape)
-        x = x.contiguous()
+        # As the PyTorch binding prepares them (a contiguous bool mask stays the same tensor).
+        x, mask, mask_type, positions, B, S, I = _native._prepare(x, mask, positions)
         y = torch.empty_like(x) if out is None else out
-        mask_type = 0
-        if mask is not None:
-            mask = mask.contiguous() if mask.dtype in (torch.bool, torch.int64) else mask.to(torch.int64)
-            mask_type = 1 if mask.dtype == torch.bool else 2  # torch.bool is one byte, 0 or 1
-        if positions is not None:
-            positions = positions.to(torch.int64).contiguous()
         attrs = attrs_of(config)
         nbytes = self.lib.armq_cuda_workspace_bytes(DTYPES[x.dtype], B, S, I, ctypes.byref(attrs))
         workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device)
         keep = [x, y, mask, positions, workspace, attrs]
-        args = [DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), B, S, I,
-                mask.data_ptr() if mask is not None else None, mask_type,
-                positions.data_ptr() if positions is not None else None, ctypes.byref(attrs),
-                workspace.data_ptr(), nbytes]
+        args = [DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), B, S, I, _native._pointer(mask), mask_type,
+                _native._pointer(positions), ctypes.byref(attrs), workspace.data_ptr(), nbytes]
         return y, args, keep
 
     def launch(self, args) -> None:
