@@ -25,7 +25,7 @@ import torch
 from armquant import _build
 from armquant.arm import ARMConfig, _check_inputs
 
-__all__ = ["ort_library_path", "library_path", "kernel", "has_cuda"]
+__all__ = ["ort_library_path", "library_path", "kernel", "has_cuda", "cpu_isa"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ def _load_library(path) -> ctypes.CDLL:
     lib.armq_error_string.restype = ctypes.c_char_p
     lib.armq_philox4x32_10.argtypes = [ctypes.POINTER(ctypes.c_uint32)] * 3
     lib.armq_philox4x32_10.restype = None
+    if hasattr(lib, "armq_cpu_isa"):  # builds before it lack it (benchmarks load older builds)
+        lib.armq_cpu_isa.restype = ctypes.c_char_p
     return lib
 
 
@@ -124,6 +126,13 @@ def has_cuda() -> bool:
     """True when the built library carries the CUDA kernel."""
     lib = _library()
     return lib is not None and bool(lib.armq_has_cuda())
+
+
+def cpu_isa() -> Optional[str]:
+    """The vector paths the CPU kernel takes here: "avx512", "avx2" or "portable"; None
+    when the library is not built."""
+    lib = _library()
+    return None if lib is None else lib.armq_cpu_isa().decode()
 
 
 def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -239,7 +248,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     _library.cache_clear()
     lib = _library()
-    print(f"{LIBRARY_NAME}: {path} (CUDA kernel: {'yes' if lib is not None and lib.armq_has_cuda() else 'no'})")
+    cuda = "yes" if lib is not None and lib.armq_has_cuda() else "no"
+    print(f"{LIBRARY_NAME}: {path} (CPU paths: {cpu_isa()}; CUDA kernel: {cuda})")
     return 0
 
 

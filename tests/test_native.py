@@ -203,10 +203,12 @@ def test_parity_long_tokens_one_thread(dtype):
         torch.set_num_threads(previous)
 
 
-_PORTABLE_CHECK = """
+_VECTOR_PATH_CHECK = """
 import sys, torch
 sys.path.insert(0, {tests!r})
-from test_native import DTYPES, PRESETS, ARMConfig, check, data
+from armquant import _native
+from test_native import DTYPES, PRESETS, SAMPLED_CONFIGS, SAMPLED_SHAPE, ARMConfig, check, data
+assert _native.cpu_isa() == {isa!r}, _native.cpu_isa()
 gen = torch.Generator().manual_seed(13)
 for dtype in DTYPES:
     for kind in ("normal", "ties", "nonfinite"):
@@ -215,22 +217,54 @@ for dtype in DTYPES:
             mask = torch.rand(shape[:2], generator=gen) < 0.8
             check(x, mask, None, ARMConfig(scope=scope, seed=7))
             check(x, None, None, PRESETS["llama-3.1"].replace(scope=scope))
-print("portable paths match")
+for kind in ("normal", "ties", "negative"):  # float32 groups that take the sample's brackets
+    x = data(kind, SAMPLED_SHAPE, torch.float32, gen)
+    mask = torch.ones(SAMPLED_SHAPE[:2], dtype=torch.bool)
+    mask[0, 3] = False
+    for config in SAMPLED_CONFIGS:
+        check(x, mask, None, config)
+print("vector paths match")
 """
 
 
-def test_parity_without_avx2():
-    # The AVX2 paths are chosen at run time; the portable ones must give the same bits.
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def _best_isa(flags: set) -> str:
+    if {"avx2", "f16c"} <= flags:
+        return "avx512" if {"avx512f", "avx512bw", "avx512vl"} <= flags else "avx2"
+    return "portable"
+
+
+def test_cpu_isa_is_the_best_this_cpu_has():
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    assert _native.cpu_isa() == _best_isa(flags)
+
+
+@pytest.mark.parametrize("disable, isa", (("ARMQUANT_DISABLE_AVX2", "portable"), ("ARMQUANT_DISABLE_AVX512", "avx2")),
+                         ids=("portable", "avx2"))
+def test_parity_of_each_vector_path(disable, isa):
+    # The vector paths are chosen at run time and the default run takes the best; the others
+    # must give the same bits. Each runs in a process of its own, as the choice is made once.
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    env = dict(os.environ, ARMQUANT_DISABLE_AVX2="1")
-    code = _PORTABLE_CHECK.format(tests=str(Path(__file__).parent))
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    if isa == "avx2" and _best_isa(_cpu_flags()) != "avx512":
+        pytest.skip("this CPU has no AVX-512: the other tests already ran the AVX2 paths")
+    env = dict(os.environ, **{disable: "1"})
+    code = _VECTOR_PATH_CHECK.format(tests=str(Path(__file__).parent), isa=isa)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "portable paths match" in run.stdout
+    assert "vector paths match" in run.stdout
 
 
 def test_empty_and_degenerate_shapes():

@@ -16,8 +16,8 @@
 //    each bin is one value). Each pass reads x in place and is split across threads.
 // Selection takes all a < t plus the first (n - count(a < t)) elements with a == t in flat
 // order, where t is the rank n-1 value of a: the spec's (a, flat index) order. The moves
-// are queued per token and their Philox words drawn eight at a time (AVX2 where the CPU has
-// it, chosen at run time; the integer arithmetic is the same either way).
+// are queued per token and their Philox words drawn in batches. The hot loops have AVX-512
+// and AVX2 versions, chosen at run time (cpu_isa); every version computes the same bits.
 //
 // Bit exactness: build with -ffp-contract=off (no fused multiply-add), float math in float32,
 // the share and percentile in double, exactly in the spec's evaluation order.
@@ -224,6 +224,14 @@ bool use_avx2() {  // and F16C, which every CPU with AVX2 has
                            !std::getenv("ARMQUANT_DISABLE_AVX2");
   return avx2;
 }
+// The AVX-512 paths (F, BW, VL: Skylake-SP and Zen 4 on) replace the AVX2 ones where the CPU
+// has them: twice the lanes per instruction, compares into masks and a compress instruction.
+// $ARMQUANT_DISABLE_AVX512 (any value) keeps the AVX2 paths, for tests and A/B timings.
+bool use_avx512() {
+  static const bool avx512 = use_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && !std::getenv("ARMQUANT_DISABLE_AVX512");
+  return avx512;
+}
 #endif
 
 // The Philox word w0 for counters (c0[j], c1, c2, 0) under one key, for j < n.
@@ -297,11 +305,75 @@ __attribute__((target("avx2"))) void philox_w0_avx2(const uint32_t* c0_in, size_
     std::memcpy(out + j, w, (n - j) * sizeof(uint32_t));
   }
 }
+
+// GCC 12's AVX-512 intrinsics read an _mm512_undefined_epi32() it then warns about
+// (GCC bug 105593); the AVX-512 functions below silence that one warning.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// philox_w0_avx2 with eight lanes a register: thirty-two counters a step.
+__attribute__((target("avx512f"))) void philox_w0_avx512(const uint32_t* c0_in, size_t n, uint32_t c1_in,
+                                                         uint32_t c2_in, uint32_t k0_in, uint32_t k1_in,
+                                                         uint32_t* out) {
+  constexpr int kChains = 4;
+  constexpr size_t kStep = 8 * kChains;
+  const __m512i m0 = _mm512_set1_epi64(0xD2511F53u), m1 = _mm512_set1_epi64(0xCD9E8D57u);
+  __m512i key0[10], key1[10];
+  for (uint32_t round = 0, k0 = k0_in, k1 = k1_in; round < 10; ++round, k0 += 0x9E3779B9u, k1 += 0xBB67AE85u) {
+    key0[round] = _mm512_set1_epi64(k0);
+    key1[round] = _mm512_set1_epi64(k1);
+  }
+  const uint64_t p1_first = uint64_t{0xCD9E8D57u} * c2_in;
+  const __m512i c0_second = _mm512_set1_epi64(static_cast<uint32_t>(p1_first >> 32) ^ c1_in ^ k0_in);
+  const __m512i c1_second = _mm512_set1_epi64(static_cast<uint32_t>(p1_first));
+  const __m512i p0_second = _mm512_mul_epu32(c0_second, m0);
+  const __m512i c2_third = _mm512_xor_si512(_mm512_srli_epi64(p0_second, 32), key1[1]);
+  size_t j = 0;
+  for (; j + kStep <= n; j += kStep) {
+    __m512i c0[kChains], c1[kChains], c2[kChains], c3[kChains];
+    for (int v = 0; v < kChains / 2; ++v) {
+      const __m512i counters = _mm512_loadu_si512(c0_in + j + 16 * v);
+      c0[2 * v] = counters;
+      c0[2 * v + 1] = _mm512_srli_epi64(counters, 32);
+    }
+    for (int h = 0; h < kChains; ++h) {
+      const __m512i p0 = _mm512_mul_epu32(c0[h], m0);
+      const __m512i p1 = _mm512_mul_epu32(_mm512_xor_si512(_mm512_srli_epi64(p0, 32), key1[0]), m1);
+      c0[h] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p1, 32), c1_second, key0[1], 0x96);  // a ^ b ^ c
+      c1[h] = p1;
+      c2[h] = _mm512_xor_si512(c2_third, p0);
+      c3[h] = p0_second;
+    }
+    for (int round = 2; round < 10; ++round) {
+      for (int h = 0; h < kChains; ++h) {
+        const __m512i p1 = _mm512_mul_epu32(c2[h], m1);
+        if (round < 9) {
+          const __m512i p0 = _mm512_mul_epu32(c0[h], m0);
+          c2[h] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p0, 32), c3[h], key1[round], 0x96);
+          c3[h] = p0;
+        }
+        c0[h] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p1, 32), c1[h], key0[round], 0x96);
+        c1[h] = p1;
+      }
+    }
+    for (int v = 0; v < kChains / 2; ++v)
+      _mm512_storeu_si512(out + j + 16 * v,
+                          _mm512_mask_blend_epi32(0xAAAA, c0[2 * v], _mm512_slli_epi64(c0[2 * v + 1], 32)));
+  }
+  if (j < n) {
+    uint32_t c0[kStep] = {0}, w[kStep];
+    std::memcpy(c0, c0_in + j, (n - j) * sizeof(uint32_t));
+    philox_w0_avx512(c0, kStep, c1_in, c2_in, k0_in, k1_in, w);
+    std::memcpy(out + j, w, (n - j) * sizeof(uint32_t));
+  }
+}
+#pragma GCC diagnostic pop
 #endif
 
 void philox_w0_batch(const uint32_t* c0, size_t n, uint32_t c1, uint32_t c2, uint32_t k0, uint32_t k1,
                      uint32_t* out) {
 #if defined(__x86_64__) || defined(__i386__)
+  if (use_avx512()) return philox_w0_avx512(c0, n, c1, c2, k0, k1, out);
   if (use_avx2()) return philox_w0_avx2(c0, n, c1, c2, k0, k1, out);
 #endif
   philox_w0_scalar(c0, n, c1, c2, k0, k1, out);
@@ -519,6 +591,76 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const typename 
   write_stretch<D>(x, y, channel0, mover);
   return tie_quota;
 }
+
+#pragma GCC diagnostic push  // GCC bug 105593, as at philox_w0_avx512
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// select_token_avx2 with AVX-512: one register of sixteen float32 or thirty-two 16-bit
+// values, its compares straight into a lane mask, and the kept lanes' channels compacted by
+// one compress instruction per sixteen. (Compressed in a register and then stored: a compress
+// straight to memory is microcoded and slow on Zen 4.)
+template <class D, bool kAllTies, class M>
+__attribute__((target("avx512f,avx512bw,avx512vl,popcnt,avx2,f16c"))) int64_t select_token_avx512(
+    const typename D::Raw* x, typename D::Raw* y, int64_t n, int64_t first, uint32_t t_key, int64_t tie_quota,
+    M& mover) {
+  constexpr bool kHalf = sizeof(typename D::Raw) == 2;
+  constexpr int64_t kLanes = 64 / sizeof(typename D::Raw), kBlock = 128;
+  static_assert(M::kBatch >= 2 * kBlock, "a block must fit in the queue");
+  const __m512i key_mask = kHalf ? _mm512_set1_epi16(0x7fff) : _mm512_set1_epi32(0x7fffffff);
+  const __m512i limit = kHalf ? _mm512_set1_epi16(static_cast<int16_t>(t_key)) : _mm512_set1_epi32(static_cast<int>(t_key));
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const uint32_t channel0 = static_cast<uint32_t>(first - mover.base());
+  uint32_t* channels = mover.channels();
+  size_t queued = mover.size();
+  int64_t stretch_begin = 0, j = 0;
+  const int64_t vectors_end = n & ~(kLanes - 1);
+  while (j < vectors_end) {
+    if (queued + kBlock > M::kBatch || j + kBlock - stretch_begin > kStretch) {
+      mover.set_size(queued);
+      write_stretch<D>(x, y, channel0, mover);
+      stretch_begin = j;
+      queued = 0;
+    }
+    __m512i index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(channel0 + j)), lanes);
+    for (const int64_t stop = std::min(j + kBlock, vectors_end); j < stop; j += kLanes) {
+      const __m512i v = _mm512_loadu_si512(x + j);
+      _mm512_storeu_si512(y + j, v);
+      const __m512i key = _mm512_and_si512(v, key_mask);  // below 2^31 (2^15): signed compares hold
+      uint32_t keep;
+      if (kAllTies) {  // every key == t_key in this share moves
+        keep = kHalf ? _mm512_cmple_epi16_mask(key, limit) : _mm512_cmple_epi32_mask(key, limit);
+      } else {
+        keep = kHalf ? _mm512_cmplt_epi16_mask(key, limit) : _mm512_cmplt_epi32_mask(key, limit);
+        if (uint32_t ties = kHalf ? _mm512_cmpeq_epi16_mask(key, limit) : _mm512_cmpeq_epi32_mask(key, limit)) {
+          for (; ties && tie_quota > 0; ties &= ties - 1, --tie_quota) keep |= ties & (0u - ties);
+        }
+      }
+      for (int64_t part = 0; part < kLanes; part += 16, keep >>= 16, index = _mm512_add_epi32(index, _mm512_set1_epi32(16))) {
+        const __mmask16 lanes_kept = static_cast<__mmask16>(keep & 0xffffu);
+        _mm512_storeu_si512(channels + queued, _mm512_maskz_compress_epi32(lanes_kept, index));
+        queued += static_cast<size_t>(__builtin_popcount(lanes_kept));
+      }
+    }
+  }
+  for (; j < n; ++j) {
+    if (queued == M::kBatch || j - stretch_begin == kStretch) {
+      mover.set_size(queued);
+      write_stretch<D>(x, y, channel0, mover);
+      stretch_begin = j;
+      queued = 0;
+    }
+    y[j] = x[j];
+    const uint32_t key = D::akey(x[j]);
+    if (key < t_key || (key == t_key && (kAllTies || tie_quota > 0))) {
+      if (!(key < t_key)) --tie_quota;
+      channels[queued++] = channel0 + static_cast<uint32_t>(j);
+    }
+  }
+  mover.set_size(queued);
+  write_stretch<D>(x, y, channel0, mover);
+  return tie_quota;
+}
+#pragma GCC diagnostic pop
 #endif
 
 // Copies flat elements [first, first + n) of one token from x to y and queues the selected
@@ -529,6 +671,11 @@ template <class D>
 int64_t select_token(const typename D::Raw* x, typename D::Raw* y, int64_t n, int64_t first, float t,
                      int64_t tie_quota, bool all_ties, Mover<D>& mover) {
 #if defined(__x86_64__) || defined(__i386__)
+  if (use_avx512()) {
+    const uint32_t t_key = D::akey(D::raw_of(t));
+    return all_ties ? select_token_avx512<D, true>(x, y, n, first, t_key, tie_quota, mover)
+                    : select_token_avx512<D, false>(x, y, n, first, t_key, tie_quota, mover);
+  }
   if (use_avx2()) {
     const uint32_t t_key = D::akey(D::raw_of(t));  // t >= 0 is one of the group's values
     return all_ties ? select_token_avx2<D, true>(x, y, n, first, t_key, tie_quota, mover)
@@ -941,6 +1088,36 @@ __attribute__((target("avx2"))) inline int64_t lane_sum(__m256i v) {
 // it lies at or above +0: every negative value is then below it), or on signed keys.
 enum class SignedCompare { kNone, kRaw, kKey };
 
+// The counting pass one element at a time, for the few past the vector loop: adds to c and
+// appends the kept values at out, which is c->kept values into the block's buffer.
+template <int kAbs, bool kHasSigned>
+inline void count_and_keep_tail(const uint32_t* x, int64_t n, const IntervalSet& set, IntervalCounts* c,
+                                uint32_t* out) {
+  size_t kept = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    c->largest_raw = std::max(c->largest_raw, x[j]);
+    const uint32_t a = x[j] & 0x7fffffffu;
+    if (a >= kFiniteKeys) {
+      c->non_finite = true;
+      continue;
+    }
+    ++c->valid;
+    bool in = false;
+    for (int i = 0; i < kAbs; ++i) {
+      c->below[i] += a < set.abs[i].lo;
+      in |= set.abs[i].contains(a);
+    }
+    if (kHasSigned) {
+      const uint32_t skey = signed_key(float_of(x[j]));
+      c->below_signed += skey < set.signed_keys.lo;
+      in |= set.signed_keys.contains(skey);
+    }
+    out[kept] = x[j];
+    kept += in;
+  }
+  c->kept += kept;
+}
+
 // The counting pass over x[0, n), n <= kPieceMax: adds to c, and appends to out (room for
 // n + 32 values) the raw values inside any interval, in order. It counts as if every value
 // were finite and only notes (c->non_finite) when one is not: then the caller falls back.
@@ -1044,29 +1221,89 @@ __attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* 
   for (uint32_t l : lanes) c->largest_raw = std::max(c->largest_raw, l);
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), largest_high);
   for (uint32_t l : lanes) c->non_finite |= (l & 0xffffu) >= (kFiniteKeys >> 16) || (l >> 16) >= (kFiniteKeys >> 16);
-  for (; j < n; ++j) {  // the tail, one at a time
-    c->largest_raw = std::max(c->largest_raw, x[j]);
-    const uint32_t a = x[j] & 0x7fffffffu;
-    if (a >= kFiniteKeys) {
-      c->non_finite = true;
-      continue;
-    }
-    ++c->valid;
-    bool in = false;
+  c->kept = kept;
+  count_and_keep_tail<kAbs, kHasSigned>(x + j, n - j, set, c, out + kept);
+}
+
+#pragma GCC diagnostic push  // GCC bug 105593, as at philox_w0_avx512
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// count_and_keep_avx2 with AVX-512, sixteen elements at a time on their whole keys: compares
+// give lane masks, each interval's count of elements at or above it grows by a masked add,
+// and one compress keeps the lanes inside. The intervals are whole steps of the byte grid, so
+// whole keys and byte keys tell the same for every finite value.
+template <int kAbs, SignedCompare kSigned>
+__attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) void count_and_keep_avx512(const uint32_t* x, int64_t n,
+                                                                                     const IntervalSet& set,
+                                                                                     IntervalCounts* c, uint32_t* out) {
+  constexpr bool kHasSigned = kSigned != SignedCompare::kNone;
+  const __m512i abs_high = _mm512_set1_epi16(0x7fff), zero = _mm512_setzero_si512();
+  const __m512i byte_base = _mm512_set1_epi16(static_cast<int16_t>(set.byte_base));
+  const __m128i byte_shift = _mm_cvtsi32_si128(set.byte_shift);
+  // After the two packs, dword 4k + q of the bytes holds elements 4k .. 4k + 3 of v_q.
+  const __m512i element_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  __m512i lo[kAbs], hi[kAbs];
+  for (int i = 0; i < kAbs; ++i) {
+    lo[i] = _mm512_set1_epi8(static_cast<char>(set.byte_lo[i]));
+    hi[i] = _mm512_set1_epi8(static_cast<char>(set.byte_hi[i]));
+  }
+  __m512i signed_lo_m1 = zero, signed_hi_m1 = zero;  // as in count_and_keep_avx2
+  if (kHasSigned) {
+    signed_lo_m1 = _mm512_set1_epi16(static_cast<int16_t>((signed_order(set.signed_keys.lo) >> 16) - 1));
+    signed_hi_m1 = _mm512_set1_epi16(static_cast<int16_t>((signed_order(set.signed_keys.hi) >> 16) - 1));
+  }
+  int64_t ge_total[kAbs + 1] = {};
+  __m512i largest_high = zero, largest_raw = zero;
+  size_t kept = c->kept;
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    const __m512i v[4] = {_mm512_loadu_si512(x + j), _mm512_loadu_si512(x + j + 16), _mm512_loadu_si512(x + j + 32),
+                          _mm512_loadu_si512(x + j + 48)};
+    // Raw high halves, per 128-bit lane k: elements 4k .. 4k + 3 of v0 then of v1 (and v2, v3).
+    const __m512i raw01 = _mm512_packus_epi32(_mm512_srli_epi32(v[0], 16), _mm512_srli_epi32(v[1], 16));
+    const __m512i raw23 = _mm512_packus_epi32(_mm512_srli_epi32(v[2], 16), _mm512_srli_epi32(v[3], 16));
+    const __m512i h01 = _mm512_and_si512(raw01, abs_high), h23 = _mm512_and_si512(raw23, abs_high);
+    largest_high = _mm512_max_epu16(largest_high, _mm512_max_epu16(h01, h23));
+    largest_raw = _mm512_max_epu32(largest_raw, _mm512_max_epu32(_mm512_max_epu32(v[0], v[1]), _mm512_max_epu32(v[2], v[3])));
+    const __m512i bytes = _mm512_permutexvar_epi32(
+        element_order, _mm512_packus_epi16(_mm512_sra_epi16(_mm512_subs_epi16(h01, byte_base), byte_shift),
+                                           _mm512_sra_epi16(_mm512_subs_epi16(h23, byte_base), byte_shift)));
+    uint64_t in = 0;
     for (int i = 0; i < kAbs; ++i) {
-      c->below[i] += a < set.abs[i].lo;
-      in |= set.abs[i].contains(a);
+      const __mmask64 ge = _mm512_cmpge_epu8_mask(bytes, lo[i]);
+      in |= _mm512_mask_cmplt_epu8_mask(ge, bytes, hi[i]);
+      ge_total[i] += __builtin_popcountll(ge);
     }
     if (kHasSigned) {
-      const uint32_t skey = signed_key(float_of(x[j]));
-      c->below_signed += skey < set.signed_keys.lo;
-      in |= set.signed_keys.contains(skey);
+      __m512i s01 = raw01, s23 = raw23;
+      if (kSigned == SignedCompare::kKey) {
+        s01 = _mm512_xor_si512(raw01, _mm512_srli_epi16(_mm512_srai_epi16(raw01, 15), 1));
+        s23 = _mm512_xor_si512(raw23, _mm512_srli_epi16(_mm512_srai_epi16(raw23, 15), 1));
+      }
+      const __mmask32 ge01 = _mm512_cmpgt_epi16_mask(s01, signed_lo_m1), ge23 = _mm512_cmpgt_epi16_mask(s23, signed_lo_m1);
+      ge_total[kAbs] += __builtin_popcount(ge01) + __builtin_popcount(ge23);
+      // The word masks in the bytes' order: as words, packed to bytes, put in element order.
+      const __m512i in_words = _mm512_packs_epi16(_mm512_movm_epi16(_mm512_mask_cmple_epi16_mask(ge01, s01, signed_hi_m1)),
+                                                  _mm512_movm_epi16(_mm512_mask_cmple_epi16_mask(ge23, s23, signed_hi_m1)));
+      in |= _mm512_movepi8_mask(_mm512_permutexvar_epi32(element_order, in_words));
     }
-    out[kept] = x[j];
-    kept += in;
+    for (int q = 0; q < 4; ++q, in >>= 16) {
+      const __mmask16 lanes = static_cast<__mmask16>(in);
+      _mm512_storeu_si512(out + kept, _mm512_maskz_compress_epi32(lanes, v[q]));
+      kept += static_cast<size_t>(__builtin_popcount(lanes));
+    }
   }
+  c->valid += j;
+  for (int i = 0; i < kAbs; ++i) c->below[i] += j - ge_total[i];
+  if (kHasSigned) c->below_signed += j - ge_total[kAbs];
+  c->largest_raw = std::max(c->largest_raw, static_cast<uint32_t>(_mm512_reduce_max_epu32(largest_raw)));
+  const __m512i high = _mm512_max_epu16(largest_high, _mm512_srli_epi32(largest_high, 16));  // both halves, in the low one
+  c->non_finite |= static_cast<uint32_t>(_mm512_reduce_max_epu32(_mm512_and_si512(high, _mm512_set1_epi32(0xffff)))) >=
+                   (kFiniteKeys >> 16);
   c->kept = kept;
+  count_and_keep_tail<kAbs, kHasSigned>(x + j, n - j, set, c, out + kept);
 }
+#pragma GCC diagnostic pop
 
 using CountAndKeep = void (*)(const uint32_t*, int64_t, const IntervalSet&, IntervalCounts*, uint32_t*);
 CountAndKeep count_and_keep_for(const IntervalSet& set) {
@@ -1078,8 +1315,15 @@ CountAndKeep count_and_keep_for(const IntervalSet& set) {
        count_and_keep_avx2<4, S::kRaw>, count_and_keep_avx2<5, S::kRaw>, count_and_keep_avx2<6, S::kRaw>},
       {count_and_keep_avx2<1, S::kKey>, count_and_keep_avx2<2, S::kKey>, count_and_keep_avx2<3, S::kKey>,
        count_and_keep_avx2<4, S::kKey>, count_and_keep_avx2<5, S::kKey>, count_and_keep_avx2<6, S::kKey>}};
+  static const CountAndKeep table512[3][kMaxIntervals] = {
+      {count_and_keep_avx512<1, S::kNone>, count_and_keep_avx512<2, S::kNone>, count_and_keep_avx512<3, S::kNone>,
+       count_and_keep_avx512<4, S::kNone>, count_and_keep_avx512<5, S::kNone>, count_and_keep_avx512<6, S::kNone>},
+      {count_and_keep_avx512<1, S::kRaw>, count_and_keep_avx512<2, S::kRaw>, count_and_keep_avx512<3, S::kRaw>,
+       count_and_keep_avx512<4, S::kRaw>, count_and_keep_avx512<5, S::kRaw>, count_and_keep_avx512<6, S::kRaw>},
+      {count_and_keep_avx512<1, S::kKey>, count_and_keep_avx512<2, S::kKey>, count_and_keep_avx512<3, S::kKey>,
+       count_and_keep_avx512<4, S::kKey>, count_and_keep_avx512<5, S::kKey>, count_and_keep_avx512<6, S::kKey>}};
   const int compare = !set.has_signed ? 0 : signed_order(set.signed_keys.lo) >= 0 ? 1 : 2;
-  return table[compare][set.n_abs - 1];
+  return (use_avx512() ? table512 : table)[compare][set.n_abs - 1];
 }
 
 // The lanes of key in [lo, lo + span): key - lo < span as unsigned integers, compared signed
@@ -2371,6 +2615,14 @@ int default_threads() {
   return n ? static_cast<int>(n) : 1;
 }
 
+const char* cpu_isa() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (use_avx512()) return "avx512";
+  if (use_avx2()) return "avx2";
+#endif
+  return "portable";
+}
+
 }  // namespace armq
 
 int armq::cpu_forward(armq_dtype dtype, const void* x, void* y, int64_t B, int64_t S, int64_t I, const void* mask,
@@ -2413,3 +2665,5 @@ extern "C" int armq_cpu_forward(armq_dtype dtype, const void* x, void* y, int64_
                                 const armq_attrs* attrs, int num_threads) {
   return armq::cpu_forward(dtype, x, y, B, S, I, mask, mask_type, positions, attrs, num_threads, nullptr);
 }
+
+extern "C" const char* armq_cpu_isa(void) { return armq::cpu_isa(); }

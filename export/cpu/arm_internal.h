@@ -19,6 +19,8 @@ namespace armq {
 // Philox4x32-10 (Random123 / cuRAND round function), the spec's random stream.
 void philox4x32_10(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]);
 uint32_t philox4x32_10_w0(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1);
+// The vector paths the CPU kernel takes here: "avx512", "avx2" or "portable".
+const char* cpu_isa();
 
 // Threads to use when the caller passes num_threads <= 0.
 int default_threads();

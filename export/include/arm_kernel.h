@@ -44,6 +44,10 @@ int armq_cuda_forward(armq_dtype dtype, const void* x, void* y, int64_t B, int64
 // 1 when this build carries the CUDA kernel, else 0.
 int armq_has_cuda(void);
 
+// The vector paths the CPU kernel takes on this CPU: "avx512", "avx2" or "portable" (the
+// same bits either way; $ARMQUANT_DISABLE_AVX512 and $ARMQUANT_DISABLE_AVX2 step down).
+const char* armq_cpu_isa(void);
+
 // Human-readable text for a nonzero return code.
 const char* armq_error_string(int code);
 
