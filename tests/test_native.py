@@ -158,9 +158,11 @@ def test_parity_sampled_group_with_odd_rows():
         check(x, mask, positions, config)
 
 
-def test_parity_sampled_group_across_many_octaves():
+def test_parity_sampled_group_across_many_octaves(monkeypatch):
     # Log-normal scales spread the brackets over a dozen octaves: the counting pass compares
     # coarse byte keys (a grid step of 8 or 16 bins) and widens every bracket to that grid.
+    # Strict: the brackets hold, so the counting pass alone must resolve every statistic.
+    monkeypatch.setenv("ARMQUANT_SAMPLE_STRICT", "1")
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(SAMPLED_SHAPE, generator=gen) * torch.exp(3 * torch.randn(SAMPLED_SHAPE, generator=gen))
     for config in SAMPLED_CONFIGS[:5] + (ARMConfig(c=0.002, p1=99.9, percentile_of="abs"),):
@@ -180,6 +182,25 @@ def test_parity_large_group_with_more_threads_than_cores(dtype):
             check(x, config=config)
     finally:
         torch.set_num_threads(previous)
+
+
+# Configurations whose statistics the sample brackets on ordinary data: p1 = 0 or 100, the
+# group's minimum or maximum, lies beyond any bracket and falls back by design.
+BRACKETED_CONFIGS = tuple(c for c in SAMPLED_CONFIGS if 0 < c.p1 < 100)
+
+
+@pytest.mark.parametrize("kind", ("normal", "ties", "negative"))
+def test_sampled_statistics_hold_without_fallback(kind, monkeypatch):
+    # A miscount in the counting pass sends a group to the histogram path, which hides it: the
+    # output stays right. ARMQUANT_SAMPLE_STRICT turns that fallback into an error, so these
+    # ordinary data must be resolved from the counting pass alone.
+    monkeypatch.setenv("ARMQUANT_SAMPLE_STRICT", "1")
+    gen = torch.Generator().manual_seed(17)
+    x = data(kind, SAMPLED_SHAPE, torch.float32, gen)
+    mask = torch.ones(SAMPLED_SHAPE[:2], dtype=torch.bool)
+    mask[0, 2] = False
+    for config in BRACKETED_CONFIGS:
+        check(x, mask, None, config)
 
 
 def test_sampled_and_histogram_paths_agree(monkeypatch):
@@ -204,10 +225,10 @@ def test_parity_long_tokens_one_thread(dtype):
 
 
 _VECTOR_PATH_CHECK = """
-import sys, torch
+import os, sys, torch
 sys.path.insert(0, {tests!r})
 from armquant import _native
-from test_native import DTYPES, PRESETS, SAMPLED_CONFIGS, SAMPLED_SHAPE, ARMConfig, check, data
+from test_native import BRACKETED_CONFIGS, DTYPES, PRESETS, SAMPLED_SHAPE, ARMConfig, check, data
 assert _native.cpu_isa() == {isa!r}, _native.cpu_isa()
 gen = torch.Generator().manual_seed(13)
 for dtype in DTYPES:
@@ -217,11 +238,13 @@ for dtype in DTYPES:
             mask = torch.rand(shape[:2], generator=gen) < 0.8
             check(x, mask, None, ARMConfig(scope=scope, seed=7))
             check(x, None, None, PRESETS["llama-3.1"].replace(scope=scope))
-for kind in ("normal", "ties", "negative"):  # float32 groups that take the sample's brackets
+# float32 groups resolved from the sample's brackets, where a fallback would hide a miscount
+os.environ["ARMQUANT_SAMPLE_STRICT"] = "1"
+for kind in ("normal", "ties", "negative"):
     x = data(kind, SAMPLED_SHAPE, torch.float32, gen)
     mask = torch.ones(SAMPLED_SHAPE[:2], dtype=torch.bool)
     mask[0, 3] = False
-    for config in SAMPLED_CONFIGS:
+    for config in BRACKETED_CONFIGS:
         check(x, mask, None, config)
 print("vector paths match")
 """
