@@ -130,9 +130,9 @@ def has_cuda() -> bool:
 
 def cpu_isa() -> Optional[str]:
     """The vector paths the CPU kernel takes here: "avx512", "avx2" or "portable"; None
-    when the library is not built."""
+    when the library is not built, or built before it could tell."""
     lib = _library()
-    return None if lib is None else lib.armq_cpu_isa().decode()
+    return lib.armq_cpu_isa().decode() if lib is not None and hasattr(lib, "armq_cpu_isa") else None
 
 
 def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, int, int, int]:

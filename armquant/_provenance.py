@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from armquant import _native
+
 
 def _git_revision() -> str:
     try:
@@ -44,6 +46,7 @@ def provenance() -> dict:
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpu_kernel_paths": _native.cpu_isa(),  # the ARM kernel's vector paths: they set its speed
     }
     try:
         import onnxruntime

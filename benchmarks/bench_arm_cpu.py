@@ -62,7 +62,7 @@ def machine() -> dict:
     return {
         "cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
         "load_average_at_start": os.getloadavg(), "platform": platform.platform(), "git_rev": rev,
-        "versions": versions, "library": str(_native.library_path()),
+        "versions": versions, "library": str(_native.library_path()), "cpu_paths": _native.cpu_isa(),
     }
 
 
@@ -151,6 +151,7 @@ def main() -> int:
     header = f"{'shape':>16} {'dtype':>9} {'scope':>9} | {'reference':>10} {'native':>8} {'add':>7} {'abs':>7} ms | {'speedup':>8} {'vs add':>7} {'vs abs':>7} {'paired':>7}"
     if baseline is not None:
         header += f" {'vs base':>8}"
+    print(f"{record['machine']['cpu']}, {args.threads} threads, CPU kernel paths: {record['machine']['cpu_paths']}")
     print(header)
     print("-" * len(header))
     for shape_text in args.shapes.split(","):
