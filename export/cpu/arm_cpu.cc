@@ -1407,6 +1407,55 @@ __attribute__((target("avx2,popcnt"))) void split_by_interval_avx2(const uint32_
   }
   for (int i = 0; i < segments; ++i) count[i] = static_cast<int64_t>(fill[i]);
 }
+
+#pragma GCC diagnostic push  // GCC bug 105593, as at philox_w0_avx512
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// split_by_interval_avx2 with AVX-512: sixteen values a step, an unsigned compare into a lane
+// mask and a compress per segment.
+__attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) void split_by_interval_avx512(const uint32_t* v, size_t n,
+                                                                                        const IntervalSet& set,
+                                                                                        std::vector<uint32_t>* out,
+                                                                                        int64_t* count) {
+  const int segments = set.n_abs + (set.has_signed ? 1 : 0);
+  __m512i lo[kMaxIntervals + 1], span[kMaxIntervals + 1];
+  for (int i = 0; i < segments; ++i) {
+    const KeyInterval w = i < set.n_abs ? set.abs[i] : set.signed_keys;
+    lo[i] = _mm512_set1_epi32(static_cast<int>(w.lo));
+    span[i] = _mm512_set1_epi32(static_cast<int>(w.hi - w.lo));
+  }
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), sign = _mm512_set1_epi32(std::numeric_limits<int32_t>::min());
+  size_t fill[kMaxIntervals + 1];
+  for (int i = 0; i < segments; ++i) fill[i] = static_cast<size_t>(count[i]);
+  uint32_t* o[kMaxIntervals + 1];
+  for (size_t from = 0; from < n; from += kSplitStretch) {
+    const size_t to = std::min(n, from + kSplitStretch), body = from + ((to - from) & ~size_t{15});
+    for (int i = 0; i < segments; ++i) {
+      const size_t room = fill[i] + (to - from) + 16;
+      if (out[i].size() < room) out[i].resize(std::max(room, 2 * out[i].size()));
+      o[i] = out[i].data();
+    }
+    for (size_t j = from; j < body; j += 16) {
+      const __m512i raw = _mm512_loadu_si512(v + j);
+      const __m512i abs_key = _mm512_and_si512(raw, abs_mask);
+      for (int i = 0; i < segments; ++i) {
+        // signed_key: the bits with the sign flipped for x >= +0, all flipped below
+        const __m512i key = i < set.n_abs ? abs_key : _mm512_xor_si512(raw, _mm512_or_si512(_mm512_srai_epi32(raw, 31), sign));
+        const __mmask16 in = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(key, lo[i]), span[i]);
+        _mm512_storeu_si512(o[i] + fill[i], _mm512_maskz_compress_epi32(in, key));
+        fill[i] += static_cast<size_t>(__builtin_popcount(in));
+      }
+    }
+    for (size_t j = body; j < to; ++j)
+      for (int i = 0; i < segments; ++i) {
+        const uint32_t key = i < set.n_abs ? v[j] & 0x7fffffffu : signed_key(float_of(v[j]));
+        o[i][fill[i]] = key;
+        fill[i] += (i < set.n_abs ? set.abs[i] : set.signed_keys).contains(key);
+      }
+  }
+  for (int i = 0; i < segments; ++i) count[i] = static_cast<int64_t>(fill[i]);
+}
+#pragma GCC diagnostic pop
 #endif
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -1446,6 +1495,43 @@ __attribute__((target("avx2"))) void count_by_sixteenths_avx2(const uint32_t* ke
   below[kPivots] = static_cast<int64_t>(n);
 }
 
+#pragma GCC diagnostic push  // GCC bug 105593, as at philox_w0_avx512
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// count_by_sixteenths_avx2 with AVX-512: sixteen keys a step, unsigned compares into masks.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void count_by_sixteenths_avx512(const uint32_t* keys, size_t n,
+                                                                                    const Sixteenths& cut,
+                                                                                    int64_t* below) {
+  constexpr int kPivots = Sixteenths::kParts - 1;
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i pivot[kPivots], count[kPivots];
+  for (int i = 0; i < kPivots; ++i) {
+    pivot[i] = _mm512_set1_epi32(static_cast<int>(cut.bound[i + 1]));
+    count[i] = _mm512_setzero_si512();
+  }
+  size_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512i v = _mm512_loadu_si512(keys + j);
+    for (int i = 0; i < kPivots; ++i)
+      count[i] = _mm512_mask_add_epi32(count[i], _mm512_cmplt_epu32_mask(v, pivot[i]), count[i], one);
+  }
+  for (int i = 0; i < kPivots; ++i) {
+    alignas(64) uint32_t lanes[16];
+    _mm512_store_si512(lanes, count[i]);
+    below[i] = 0;
+    for (uint32_t l : lanes) below[i] += l;
+    for (size_t t = j; t < n; ++t) below[i] += keys[t] < cut.bound[i + 1];
+  }
+  below[kPivots] = static_cast<int64_t>(n);
+}
+#pragma GCC diagnostic pop
+
+// below[] as count_by_sixteenths_avx2 gives it, by the widest vector paths here.
+void count_by_sixteenths(const uint32_t* keys, size_t n, const Sixteenths& cut, int64_t* below) {
+  if (use_avx512()) return count_by_sixteenths_avx512(keys, n, cut, below);
+  count_by_sixteenths_avx2(keys, n, cut, below);
+}
+
 // The part that holds rank k, given below[] summed as by count_by_sixteenths_avx2; *before:
 // the keys in the parts ahead of it.
 inline int part_holding(const int64_t* below, int64_t k, int64_t* before) {
@@ -1462,7 +1548,7 @@ __attribute__((target("avx2,popcnt"))) uint32_t kth_key_avx2(uint32_t* keys, siz
   while (n > 512 && Sixteenths::worth_it(w)) {
     const Sixteenths cut(w);
     int64_t below[Sixteenths::kParts], before;
-    count_by_sixteenths_avx2(keys, n, cut, below);
+    count_by_sixteenths(keys, n, cut, below);
     w = cut.part(part_holding(below, k, &before));  // holds rank k, so not empty
     n = keys_in_avx2(keys, n, w, keys);
     k -= before;
@@ -1742,7 +1828,8 @@ class SampledStatistics {
       take_blocks(next, end_, kPieceMax, [&](int64_t b, int64_t e) {
         c.kept = 0;
         for_valid_ranges(p_, b, e, [&](int64_t lo, int64_t hi) { count_and_keep(x_ + lo, hi - lo, set_, &c, out.data()); });
-        split_by_interval_avx2(out.data(), c.kept, set_, ws_.parts[t].data(), c.inside);
+        (use_avx512() ? split_by_interval_avx512 : split_by_interval_avx2)(out.data(), c.kept, set_,
+                                                                          ws_.parts[t].data(), c.inside);
       });
     });
     for (const IntervalCounts& c : counts_) {
@@ -1802,7 +1889,7 @@ class SampledStatistics {
     } else {
       const Sixteenths cut(w);
       std::vector<std::array<int64_t, Sixteenths::kParts>> below(threads_);
-      run_threads(threads_, [&](int t) { count_by_sixteenths_avx2(spans[t].keys, spans[t].n, cut, below[t].data()); });
+      run_threads(threads_, [&](int t) { count_by_sixteenths(spans[t].keys, spans[t].n, cut, below[t].data()); });
       int64_t all_below[Sixteenths::kParts] = {}, before;
       for (const auto& b : below)
         for (int i = 0; i < Sixteenths::kParts; ++i) all_below[i] += b[i];
