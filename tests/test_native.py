@@ -290,6 +290,63 @@ def test_parity_of_each_vector_path(disable, isa):
     assert "vector paths match" in run.stdout
 
 
+_SANITIZED_CHECK = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from armquant import _native
+from test_native import BRACKETED_CONFIGS, DTYPES, PRESETS, ARMConfig, check, data
+assert _native.cpu_isa() == {isa!r}, _native.cpu_isa()
+gen = torch.Generator().manual_seed(3)
+for dtype in DTYPES:
+    for kind in ("normal", "ties", "nonfinite"):
+        # odd lengths, so that every vector loop ends in a tail
+        for shape, scope in (((2, 3, 50_001), "sequence"), ((3, 7, 333), "token"), ((1, 1, 17), "sequence")):
+            x = data(kind, shape, dtype, gen)
+            mask = torch.rand(shape[:2], generator=gen) < 0.8
+            check(x, mask, None, ARMConfig(scope=scope, seed=7))
+            check(x, None, None, PRESETS["llama-3.1"].replace(scope=scope))
+for kind in ("normal", "ties", "wide"):  # float32 groups past the sample's threshold
+    x = data(kind, (1, 9, 131_071), torch.float32, gen)
+    for config in BRACKETED_CONFIGS[:3]:
+        check(x, None, None, config)
+print("no memory errors")
+"""
+
+
+def test_cpu_kernel_makes_no_out_of_bounds_access(tmp_path):
+    # The vector loops store whole registers past their last kept element (into slack their
+    # buffers reserve): AddressSanitizer checks every path's accesses, on a build of export/
+    # made for it.
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    compiler, cmake = shutil.which("g++"), shutil.which("cmake")
+    if compiler is None or cmake is None:
+        pytest.skip("needs g++ and cmake to build the kernel with AddressSanitizer")
+    libasan = subprocess.run([compiler, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not Path(libasan).is_absolute() or not Path(libasan).exists():
+        pytest.skip(f"{compiler} has no AddressSanitizer runtime (libasan.so)")
+    root = Path(__file__).resolve().parent.parent
+    flags = "-fsanitize=address -fno-omit-frame-pointer"
+    for step in ([cmake, "-S", str(root / "export"), "-B", str(tmp_path), "-DARMQ_CUDA=OFF", "-DCMAKE_BUILD_TYPE=Release",
+                  f"-DCMAKE_CXX_FLAGS={flags}", "-DCMAKE_SHARED_LINKER_FLAGS=-fsanitize=address"],
+                 [cmake, "--build", str(tmp_path), "-j2"]):
+        built = subprocess.run(step, capture_output=True, text=True, timeout=600)
+        assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    best = _best_isa(_cpu_flags())
+    paths = {"avx512": ["avx512", "avx2", "portable"], "avx2": ["avx2", "portable"]}.get(best, ["portable"])
+    disable = {"avx512": {}, "avx2": {"ARMQUANT_DISABLE_AVX512": "1"}, "portable": {"ARMQUANT_DISABLE_AVX2": "1"}}
+    for isa in paths:
+        env = {**os.environ, **disable[isa], "ARMQUANT_LIBRARY": str(tmp_path / "libarmquant_ort.so"),
+               "LD_PRELOAD": libasan, "ASAN_OPTIONS": "detect_leaks=0"}
+        code = _SANITIZED_CHECK.format(tests=str(Path(__file__).parent), isa=isa)
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0 and "no memory errors" in run.stdout, f"{isa} paths:\n" + run.stderr[-6000:]
+
+
 def test_empty_and_degenerate_shapes():
     for shape in ((1, 0, 4), (0, 3, 4), (2, 3, 0)):
         x = torch.randn(shape)
