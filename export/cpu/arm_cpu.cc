@@ -495,6 +495,32 @@ __attribute__((target("avx2,f16c"))) void write_stretch(const typename D::Raw* x
   mover.set_size(0);
 }
 
+// The end of select_token_avx2 and select_token_avx512: elements [j, n) one at a time, then
+// the last stretch's moves. Returns what is left of tie_quota.
+template <class D, bool kAllTies, class M>
+__attribute__((target("avx2,f16c"))) int64_t select_tail(const typename D::Raw* x, typename D::Raw* y, int64_t j,
+                                                         int64_t n, uint32_t t_key, int64_t tie_quota, uint32_t channel0,
+                                                         size_t queued, int64_t stretch_begin, M& mover) {
+  uint32_t* channels = mover.channels();
+  for (; j < n; ++j) {
+    if (queued == M::kBatch || j - stretch_begin == kStretch) {
+      mover.set_size(queued);
+      write_stretch<D>(x, y, channel0, mover);
+      stretch_begin = j;
+      queued = 0;
+    }
+    y[j] = x[j];
+    const uint32_t key = D::akey(x[j]);
+    if (key < t_key || (key == t_key && (kAllTies || tie_quota > 0))) {
+      if (!(key < t_key)) --tie_quota;
+      channels[queued++] = channel0 + static_cast<uint32_t>(j);
+    }
+  }
+  mover.set_size(queued);
+  write_stretch<D>(x, y, channel0, mover);
+  return tie_quota;
+}
+
 // |x| keys per AVX2 vector: eight float32 values (their bits without the sign) or sixteen
 // float16 / bfloat16 ones (raw & 0x7fff); both order like |x|, NaN and Inf above every
 // finite threshold.
@@ -573,23 +599,7 @@ __attribute__((target("avx2,popcnt"))) int64_t select_token_avx2(const typename 
       }
     }
   }
-  for (; j < n; ++j) {
-    if (queued == M::kBatch || j - stretch_begin == kStretch) {
-      mover.set_size(queued);
-      write_stretch<D>(x, y, channel0, mover);
-      stretch_begin = j;
-      queued = 0;
-    }
-    y[j] = x[j];
-    const uint32_t key = D::akey(x[j]);
-    if (key < t_key || (key == t_key && (kAllTies || tie_quota > 0))) {
-      if (!(key < t_key)) --tie_quota;
-      channels[queued++] = channel0 + static_cast<uint32_t>(j);
-    }
-  }
-  mover.set_size(queued);
-  write_stretch<D>(x, y, channel0, mover);
-  return tie_quota;
+  return select_tail<D, kAllTies>(x, y, j, n, t_key, tie_quota, channel0, queued, stretch_begin, mover);
 }
 
 #pragma GCC diagnostic push  // GCC bug 105593, as at philox_w0_avx512
@@ -642,23 +652,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,popcnt,avx2,f16c"))) int64_t se
       }
     }
   }
-  for (; j < n; ++j) {
-    if (queued == M::kBatch || j - stretch_begin == kStretch) {
-      mover.set_size(queued);
-      write_stretch<D>(x, y, channel0, mover);
-      stretch_begin = j;
-      queued = 0;
-    }
-    y[j] = x[j];
-    const uint32_t key = D::akey(x[j]);
-    if (key < t_key || (key == t_key && (kAllTies || tie_quota > 0))) {
-      if (!(key < t_key)) --tie_quota;
-      channels[queued++] = channel0 + static_cast<uint32_t>(j);
-    }
-  }
-  mover.set_size(queued);
-  write_stretch<D>(x, y, channel0, mover);
-  return tie_quota;
+  return select_tail<D, kAllTies>(x, y, j, n, t_key, tie_quota, channel0, queued, stretch_begin, mover);
 }
 #pragma GCC diagnostic pop
 #endif
