@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,37 +32,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from armquant import _native  # noqa: E402
+from armquant._provenance import provenance  # noqa: E402
 from armquant.arm import ARMConfig, arm_reference  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        rev = ""
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    try:
-        import onnxruntime
-
-        versions["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    return {
-        "cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-        "load_average_at_start": os.getloadavg(), "platform": platform.platform(), "git_rev": rev,
-        "versions": versions, "library": str(_native.library_path()), "cpu_paths": _native.cpu_isa(),
-    }
+    """provenance() and what a CPU timing also depends on: the CPUs this process may use, the
+    load when it started, the library measured."""
+    return {**provenance(), "usable_cpus": len(os.sched_getaffinity(0)), "load_average_at_start": os.getloadavg(),
+            "platform": platform.platform(), "library": str(_native.library_path())}
 
 
 def best_of(fn, rounds: int) -> list[float]:
@@ -151,7 +130,7 @@ def main() -> int:
     header = f"{'shape':>16} {'dtype':>9} {'scope':>9} | {'reference':>10} {'native':>8} {'add':>7} {'abs':>7} ms | {'speedup':>8} {'vs add':>7} {'vs abs':>7} {'paired':>7}"
     if baseline is not None:
         header += f" {'vs base':>8}"
-    print(f"{record['machine']['cpu']}, {args.threads} threads, CPU kernel paths: {record['machine']['cpu_paths']}")
+    print(f"{record['machine']['cpu']}, {args.threads} threads, CPU kernel paths: {record['machine']['cpu_kernel_paths']}")
     print(header)
     print("-" * len(header))
     for shape_text in args.shapes.split(","):
