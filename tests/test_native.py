@@ -97,6 +97,26 @@ def test_parity_large_groups(dtype, kind):
         check(x, mask, positions, config)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_parity_mid_size_groups(dtype):
+    # Groups of 2^15 to 2^17 elements take the large-group path where they would leave threads
+    # idle (one prompt in scope sequence) and the small-group path where they keep every
+    # thread busy (two prompts on two threads).
+    gen = torch.Generator().manual_seed(37)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for kind in ("normal", "ties", "zeros", "nonfinite"):
+            for shape in ((1, 40, 1536), (2, 40, 1536)):
+                x = data(kind, shape, dtype, gen)
+                mask = torch.rand(shape[:2], generator=gen) < 0.9
+                positions = torch.randint(0, 2**40, shape[:2], generator=gen)
+                check(x, mask, positions, ARMConfig(seed=3))
+                check(x, None, None, PRESETS["llama-3.1"])
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_parity_large_group_many_values_near_eps():
     # kappa = c = 1 puts eps on the MAD, a value that many elements share: the kernel must
     # count a < eps again instead of keeping them.
