@@ -794,43 +794,100 @@ void take_blocks(std::atomic<int64_t>& next, int64_t end, int64_t block, F&& f) 
 // Per-worker scratch, allocated before the workers start.
 struct Scratch {
   std::vector<float> vals;
-  std::vector<uint32_t> akeys, keys, abs_buckets, buckets;  // for the |x| ranks, for the others
+  std::vector<uint32_t> akeys, keys, abs_buckets, buckets;  // keys, and KeyRanks' scratch for the |x| ranks and the others
   void reserve(int64_t n) {
     vals.reserve(n);
     akeys.reserve(n);
     keys.reserve(n);
-    abs_buckets.reserve(n);
-    buckets.reserve(n);
+    abs_buckets.reserve(n + 8);
+    buckets.reserve(n + 8);
   }
 };
 
-// Order statistics of one array of keys: one counting pass buckets them by their top bits
-// (bucket b holds ranks start[b] .. start[b + 1] - 1), then each rank is selected within its
-// bucket. Keys below 2^31 (bits of non-negative floats) need half the buckets.
+struct KeyInterval {  // keys [lo, hi)
+  uint32_t lo, hi;
+  bool contains(uint32_t key) const { return key - lo < hi - lo; }
+};
+
+#if defined(__x86_64__) || defined(__i386__)
+// The lanes of key in [lo, lo + span): key - lo < span as unsigned integers, compared signed
+// with the sign bits flipped. span_flipped: span ^ 0x80000000 in every lane.
+__attribute__((target("avx2"))) inline unsigned lanes_in_interval(__m256i key, __m256i lo, __m256i span_flipped) {
+  const __m256i flip = _mm256_set1_epi32(std::numeric_limits<int32_t>::min());
+  return static_cast<unsigned>(_mm256_movemask_ps(
+      _mm256_castsi256_ps(_mm256_cmpgt_epi32(span_flipped, _mm256_xor_si256(_mm256_sub_epi32(key, lo), flip)))));
+}
+
+// Appends to out (room for n + 8) the keys[j] (j < n) that lie in w, in order; returns how many.
+// out may be keys itself: the write end never passes the read end.
+__attribute__((target("avx2,popcnt"))) size_t keys_in_avx2(const uint32_t* keys, size_t n, KeyInterval w, uint32_t* out) {
+  const CompressTable& table = compress_table();
+  const __m256i lo = _mm256_set1_epi32(static_cast<int>(w.lo));
+  const __m256i span = _mm256_set1_epi32(static_cast<int>((w.hi - w.lo) ^ 0x80000000u));
+  size_t kept = 0, j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j));
+    const unsigned mask = lanes_in_interval(key, lo, span);
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept), _mm256_permutevar8x32_epi32(key, perm));
+    kept += static_cast<size_t>(__builtin_popcount(mask));
+  }
+  for (; j < n; ++j) {
+    out[kept] = keys[j];
+    kept += w.contains(keys[j]);
+  }
+  return kept;
+}
+#endif
+
+// The keys[j] (j < n) in w, in order, appended to out (room for n + 8); returns how many.
+inline size_t keys_in(const uint32_t* keys, size_t n, KeyInterval w, uint32_t* out) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (use_avx2()) return keys_in_avx2(keys, n, w, out);
+#endif
+  size_t kept = 0;
+  for (size_t j = 0; j < n; ++j) {
+    out[kept] = keys[j];
+    kept += w.contains(keys[j]);
+  }
+  return kept;
+}
+
+// Order statistics of one array of keys: one counting pass buckets them by their top 11 bits
+// (bucket b holds ranks start[b] .. start[b + 1] - 1); a rank is selected among its bucket's
+// keys, which a vector pass gathers into scratch: a bucket (a quarter of an octave of float
+// magnitudes) holds a few percent of the keys, and the pass costs less than scattering every
+// key to its bucket. Keys below 2^31 (bits of non-negative floats) need half the buckets.
 class KeyRanks {
  public:
-  KeyRanks(const uint32_t* keys, int64_t n, bool below_2_31, uint32_t* buckets)
-      : bins_(below_2_31 ? kBins / 2 : kBins), sorted_(buckets) {
-    uint32_t next[kBins + 1];
+  KeyRanks(const uint32_t* keys, int64_t n, bool below_2_31, uint32_t* scratch)
+      : keys_(keys), n_(n), bins_(below_2_31 ? kBins / 2 : kBins), scratch_(scratch) {
     std::fill(start_, start_ + bins_ + 1, 0u);
     for (int64_t i = 0; i < n; ++i) ++start_[(keys[i] >> kShift) + 1];
     for (int b = 0; b < bins_; ++b) start_[b + 1] += start_[b];
-    std::copy(start_, start_ + bins_, next);
-    for (int64_t i = 0; i < n; ++i) buckets[next[keys[i] >> kShift]++] = keys[i];
   }
 
-  // The key of rank k (0-based, ascending).
+  // The key of rank k (0-based, ascending; k < n).
   uint32_t at(int64_t k) {
     const uint32_t* bound = std::upper_bound(start_, start_ + bins_ + 1, static_cast<uint32_t>(k));
     const int bin = static_cast<int>(bound - start_) - 1;
-    std::nth_element(sorted_ + start_[bin], sorted_ + k, sorted_ + start_[bin + 1]);
-    return sorted_[k];
+    if (bin != gathered_) {  // the last bucket gathered stays in scratch (the ranks asked for often share one)
+      const uint32_t lo = static_cast<uint32_t>(bin) << kShift;
+      keys_in(keys_, static_cast<size_t>(n_), {lo, lo + (1u << kShift)}, scratch_);  // the top bucket's end wraps to 0
+      gathered_ = bin;
+    }
+    const int64_t size = start_[bin + 1] - start_[bin];
+    std::nth_element(scratch_, scratch_ + (k - start_[bin]), scratch_ + size);
+    return scratch_[k - start_[bin]];
   }
 
  private:
   static constexpr int kShift = 21, kBins = 2048;
+  const uint32_t* keys_;
+  int64_t n_;
   int bins_;
-  uint32_t* sorted_;
+  uint32_t* scratch_;  // room for n + 8 keys
+  int gathered_ = -1;
   uint32_t start_[kBins + 1];  // small groups: fewer than 2^32 keys
 };
 
@@ -851,24 +908,27 @@ template <class D>
 void small_group(const Problem& p, int64_t begin, int64_t end, Scratch& s) {
   using Raw = typename D::Raw;
   const Raw* x = static_cast<const Raw*>(p.x);
-  s.vals.clear();
+  s.vals.resize(static_cast<size_t>(end - begin));
   float x_min = INFINITY;
+  int64_t N = 0;
   for (int64_t token = begin / p.I; token * p.I < end; ++token) {
     if (!token_valid(p, token)) continue;
     for (int64_t e = token * p.I, stop = std::min(end, e + p.I); e < stop; ++e) {
-      if (!D::finite(x[e])) continue;
+      // Every value is written and only finite ones are kept: no branch per element.
+      const bool finite = D::finite(x[e]);
       const float v = D::value(x[e]);
-      s.vals.push_back(v);
-      x_min = std::min(x_min, v);
+      s.vals[N] = v;
+      N += finite;
+      x_min = std::min(x_min, finite ? v : INFINITY);
     }
   }
-  const int64_t N = static_cast<int64_t>(s.vals.size());
+  s.vals.resize(N);
   if (N == 0) return select_and_move<D>(p, begin, end, Stats{}, TieShare{});
   const int64_t rank = (N - 1) / 2;
   s.akeys.resize(N);
   s.keys.resize(N);
-  s.abs_buckets.resize(N);
-  s.buckets.resize(N);
+  s.abs_buckets.resize(N + 8);  // KeyRanks' scratch
+  s.buckets.resize(N + 8);
   // Bits of non-negative floats order like the values.
   for (int64_t j = 0; j < N; ++j) s.akeys[j] = bits_of(std::fabs(s.vals[j]));
   KeyRanks abs_ranks(s.akeys.data(), N, true, s.abs_buckets.data());
@@ -1008,11 +1068,6 @@ constexpr int64_t kSampleAhead = 16;  // runs between a prefetch and the read
 constexpr int64_t kMinSampledGroup = int64_t{1} << 20;  // below this the sample costs too much
 constexpr size_t kParallelSelection = 8192;  // kept keys from which a selection splits its first round
 constexpr uint32_t kFiniteKeys = 0x7f800000u;            // |x| keys of the finite values
-
-struct KeyInterval {  // keys [lo, hi)
-  uint32_t lo, hi;
-  bool contains(uint32_t key) const { return key - lo < hi - lo; }
-};
 
 // Signed keys as int32 that order like x (-0 just below +0), for the vector compares.
 inline int32_t signed_order(uint32_t key) { return static_cast<int32_t>(key ^ 0x80000000u); }
@@ -1320,34 +1375,6 @@ CountAndKeep count_and_keep_for(const IntervalSet& set) {
   return (use_avx512() ? table512 : table)[compare][set.n_abs - 1];
 }
 
-// The lanes of key in [lo, lo + span): key - lo < span as unsigned integers, compared signed
-// with the sign bits flipped. span_flipped: span ^ 0x80000000 in every lane.
-__attribute__((target("avx2"))) inline unsigned lanes_in_interval(__m256i key, __m256i lo, __m256i span_flipped) {
-  const __m256i flip = _mm256_set1_epi32(std::numeric_limits<int32_t>::min());
-  return static_cast<unsigned>(_mm256_movemask_ps(
-      _mm256_castsi256_ps(_mm256_cmpgt_epi32(span_flipped, _mm256_xor_si256(_mm256_sub_epi32(key, lo), flip)))));
-}
-
-// Appends to out (room for n + 8) the keys[j] (j < n) that lie in w, in order; returns how many.
-// out may be keys itself: the write end never passes the read end.
-__attribute__((target("avx2,popcnt"))) size_t keys_in_avx2(const uint32_t* keys, size_t n, KeyInterval w, uint32_t* out) {
-  const CompressTable& table = compress_table();
-  const __m256i lo = _mm256_set1_epi32(static_cast<int>(w.lo));
-  const __m256i span = _mm256_set1_epi32(static_cast<int>((w.hi - w.lo) ^ 0x80000000u));
-  size_t kept = 0, j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j));
-    const unsigned mask = lanes_in_interval(key, lo, span);
-    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[mask]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept), _mm256_permutevar8x32_epi32(key, perm));
-    kept += static_cast<size_t>(__builtin_popcount(mask));
-  }
-  for (; j < n; ++j) {
-    out[kept] = keys[j];
-    kept += w.contains(keys[j]);
-  }
-  return kept;
-}
 
 // Splits the kept raw values v[0, n) by interval, as keys: segment i < set.n_abs holds the
 // |x| keys in set.abs[i], the last (with set.has_signed) the signed keys in set.signed_keys.
