@@ -853,42 +853,51 @@ inline size_t keys_in(const uint32_t* keys, size_t n, KeyInterval w, uint32_t* o
   return kept;
 }
 
-// Order statistics of one array of keys: one counting pass buckets them by their top 11 bits
-// (bucket b holds ranks start[b] .. start[b + 1] - 1); a rank is selected among its bucket's
-// keys, which a vector pass gathers into scratch: a bucket (a quarter of an octave of float
-// magnitudes) holds a few percent of the keys, and the pass costs less than scattering every
-// key to its bucket. Keys below 2^31 (bits of non-negative floats) need half the buckets.
+// Order statistics of one array of keys: one counting pass buckets them by their top 11 bits;
+// a rank is selected among its bucket's keys, which a vector pass gathers into scratch: a
+// bucket (a quarter of an octave of float magnitudes) holds a few percent of the keys, and the
+// pass costs less than scattering every key to its bucket. Keys below 2^31 (bits of
+// non-negative floats) need half the buckets.
 class KeyRanks {
  public:
   KeyRanks(const uint32_t* keys, int64_t n, bool below_2_31, uint32_t* scratch)
       : keys_(keys), n_(n), bins_(below_2_31 ? kBins / 2 : kBins), scratch_(scratch) {
-    std::fill(start_, start_ + bins_ + 1, 0u);
-    for (int64_t i = 0; i < n; ++i) ++start_[(keys[i] >> kShift) + 1];
-    for (int b = 0; b < bins_; ++b) start_[b + 1] += start_[b];
+    std::fill(count_, count_ + bins_, 0u);
+    for (int64_t i = 0; i < n; ++i) ++count_[keys[i] >> kShift];
+    // Sums of kBlock buckets, in loops the compiler vectorises: finding a rank's bucket then
+    // walks blocks and one block's buckets, where a running sum over all the buckets was one
+    // long chain of dependent adds.
+    for (int b = 0; b < bins_ / kBlock; ++b) {
+      uint32_t sum = 0;
+      for (int i = 0; i < kBlock; ++i) sum += count_[b * kBlock + i];
+      block_[b] = sum;
+    }
   }
 
   // The key of rank k (0-based, ascending; k < n).
   uint32_t at(int64_t k) {
-    const uint32_t* bound = std::upper_bound(start_, start_ + bins_ + 1, static_cast<uint32_t>(k));
-    const int bin = static_cast<int>(bound - start_) - 1;
+    int64_t before = 0;
+    int bin = 0;
+    while (before + block_[bin / kBlock] <= k) before += block_[bin / kBlock], bin += kBlock;
+    while (before + count_[bin] <= k) before += count_[bin++];
     if (bin != gathered_) {  // the last bucket gathered stays in scratch (the ranks asked for often share one)
       const uint32_t lo = static_cast<uint32_t>(bin) << kShift;
       keys_in(keys_, static_cast<size_t>(n_), {lo, lo + (1u << kShift)}, scratch_);  // the top bucket's end wraps to 0
       gathered_ = bin;
     }
-    const int64_t size = start_[bin + 1] - start_[bin];
-    std::nth_element(scratch_, scratch_ + (k - start_[bin]), scratch_ + size);
-    return scratch_[k - start_[bin]];
+    std::nth_element(scratch_, scratch_ + (k - before), scratch_ + count_[bin]);
+    return scratch_[k - before];
   }
 
  private:
-  static constexpr int kShift = 21, kBins = 2048;
+  static constexpr int kShift = 21, kBins = 2048, kBlock = 64;
   const uint32_t* keys_;
   int64_t n_;
   int bins_;
   uint32_t* scratch_;  // room for n + 8 keys
   int gathered_ = -1;
-  uint32_t start_[kBins + 1];  // small groups: fewer than 2^32 keys
+  uint32_t count_[kBins];  // small groups: fewer than 2^32 keys
+  uint32_t block_[kBins / kBlock];
 };
 
 inline uint32_t signed_key(float v) {
