@@ -4,8 +4,8 @@
 // the MAD (the same rank of |a - m|), the rank n-1 of |x| (the selection threshold) and two
 // adjacent ranks of the percentile pool. Three strategies, all O(N):
 //  - small groups (a token's channels, or a decode step): scratch keys of |x|, of |a - m| and of
-//    x, each bucketed once by its top 11 bits; each rank is selected within its bucket. Groups
-//    are spread across threads.
+//    x, each counted once by its top 11 bits; each rank is selected among its bucket's keys,
+//    gathered when asked for. Groups are spread across threads.
 //  - large float32 groups (from 2^20 elements): a sample brackets every statistic, one
 //    counting pass keeps the values inside the brackets and counts those below, and each
 //    statistic is selected among the kept values when its rank falls inside its bracket;
