@@ -2263,7 +2263,7 @@ class LargeGroup {
         for (size_t t = 0; t < T; ++t) ws_.local[t * kRawBins + r] = 0;
       }
     ws_.hist_abs.resize(kRawBins / 2);
-    for (int a = 0; a < kRawBins / 2; ++a) ws_.hist_abs[a] = raw[a] + raw[a | 0x8000];
+    for (int a = 0; a < kRawBins / 2; ++a) ws_.hist_abs[a] = raw[a] + raw[a + kRawBins / 2];  // a | 0x8000, vectorised
     nonzero_bins(raw, kRawBins, &ws_.raw_bins);
     nonzero_bins(ws_.hist_abs.data(), kRawBins / 2, &ws_.abs_bins);
     n_valid_ = std::accumulate(ws_.hist_abs.begin(), ws_.hist_abs.end(), int64_t{0});
