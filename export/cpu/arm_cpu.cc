@@ -809,6 +809,16 @@ struct KeyInterval {  // keys [lo, hi)
   bool contains(uint32_t key) const { return key - lo < hi - lo; }
 };
 
+// keys_in one key at a time: the portable path, and the vector paths' tails.
+inline size_t keys_in_scalar(const uint32_t* keys, size_t n, KeyInterval w, uint32_t* out) {
+  size_t kept = 0;
+  for (size_t j = 0; j < n; ++j) {
+    out[kept] = keys[j];
+    kept += w.contains(keys[j]);
+  }
+  return kept;
+}
+
 #if defined(__x86_64__) || defined(__i386__)
 // The lanes of key in [lo, lo + span): key - lo < span as unsigned integers, compared signed
 // with the sign bits flipped. span_flipped: span ^ 0x80000000 in every lane.
@@ -832,11 +842,7 @@ __attribute__((target("avx2,popcnt"))) size_t keys_in_avx2(const uint32_t* keys,
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept), _mm256_permutevar8x32_epi32(key, perm));
     kept += static_cast<size_t>(__builtin_popcount(mask));
   }
-  for (; j < n; ++j) {
-    out[kept] = keys[j];
-    kept += w.contains(keys[j]);
-  }
-  return kept;
+  return kept + keys_in_scalar(keys + j, n - j, w, out + kept);
 }
 #endif
 
@@ -845,12 +851,7 @@ inline size_t keys_in(const uint32_t* keys, size_t n, KeyInterval w, uint32_t* o
 #if defined(__x86_64__) || defined(__i386__)
   if (use_avx2()) return keys_in_avx2(keys, n, w, out);
 #endif
-  size_t kept = 0;
-  for (size_t j = 0; j < n; ++j) {
-    out[kept] = keys[j];
-    kept += w.contains(keys[j]);
-  }
-  return kept;
+  return keys_in_scalar(keys, n, w, out);
 }
 
 // Order statistics of one array of keys: one counting pass buckets them by their top 11 bits;
@@ -1286,10 +1287,9 @@ __attribute__((target("avx2,popcnt"))) void count_and_keep_avx2(const uint32_t* 
 #pragma GCC diagnostic push  // GCC bug 105593, as at philox_w0_avx512
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// count_and_keep_avx2 with AVX-512, sixteen elements at a time on their whole keys: compares
-// give lane masks, each interval's count of elements at or above it grows by a masked add,
-// and one compress keeps the lanes inside. The intervals are whole steps of the byte grid, so
-// whole keys and byte keys tell the same for every finite value.
+// count_and_keep_avx2 with AVX-512, sixteen elements at a time: the same byte keys, 64 a
+// register and put in element order by one permute; each interval is two compares into a
+// 64-bit lane mask and a popcount, and one compress per sixteen values keeps the lanes inside.
 template <int kAbs, SignedCompare kSigned>
 __attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) void count_and_keep_avx512(const uint32_t* x, int64_t n,
                                                                                      const IntervalSet& set,
@@ -1391,6 +1391,20 @@ CountAndKeep count_and_keep_for(const IntervalSet& set) {
 // as it goes: before each stretch of kSplitStretch values every buffer gets room for all of
 // them (buffers are workspace, kept from call to call), so the loop itself checks nothing.
 constexpr size_t kSplitStretch = 4096;
+
+// The split one value at a time, for v[from, to) past the vector loop: segment i's next key at
+// o[i][fill[i]].
+inline void split_by_interval_tail(const uint32_t* v, size_t from, size_t to, const IntervalSet& set, uint32_t* const* o,
+                                   size_t* fill) {
+  const int segments = set.n_abs + (set.has_signed ? 1 : 0);
+  for (size_t j = from; j < to; ++j)
+    for (int i = 0; i < segments; ++i) {
+      const uint32_t key = i < set.n_abs ? v[j] & 0x7fffffffu : signed_key(float_of(v[j]));
+      o[i][fill[i]] = key;
+      fill[i] += (i < set.n_abs ? set.abs[i] : set.signed_keys).contains(key);
+    }
+}
+
 __attribute__((target("avx2,popcnt"))) void split_by_interval_avx2(const uint32_t* v, size_t n, const IntervalSet& set,
                                                                    std::vector<uint32_t>* out, int64_t* count) {
   const CompressTable& table = compress_table();
@@ -1406,8 +1420,6 @@ __attribute__((target("avx2,popcnt"))) void split_by_interval_avx2(const uint32_
     return i < set.n_abs ? _mm256_and_si256(raw, _mm256_set1_epi32(0x7fffffff))
                          : _mm256_xor_si256(raw, _mm256_or_si256(_mm256_srai_epi32(raw, 31), flip));
   };
-  auto scalar_key = [&](uint32_t raw, int i) { return i < set.n_abs ? raw & 0x7fffffffu : signed_key(float_of(raw)); };
-  auto scalar_in = [&](uint32_t key, int i) { return (i < set.n_abs ? set.abs[i] : set.signed_keys).contains(key); };
   size_t fill[kMaxIntervals + 1];
   for (int i = 0; i < segments; ++i) fill[i] = static_cast<size_t>(count[i]);
   uint32_t* o[kMaxIntervals + 1];
@@ -1428,12 +1440,7 @@ __attribute__((target("avx2,popcnt"))) void split_by_interval_avx2(const uint32_
         fill[i] += static_cast<size_t>(__builtin_popcount(mask));
       }
     }
-    for (size_t j = body; j < to; ++j)
-      for (int i = 0; i < segments; ++i) {
-        const uint32_t key = scalar_key(v[j], i);
-        o[i][fill[i]] = key;
-        fill[i] += scalar_in(key, i);
-      }
+    split_by_interval_tail(v, body, to, set, o, fill);
   }
   for (int i = 0; i < segments; ++i) count[i] = static_cast<int64_t>(fill[i]);
 }
@@ -1476,12 +1483,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) void split_by_interv
         fill[i] += static_cast<size_t>(__builtin_popcount(in));
       }
     }
-    for (size_t j = body; j < to; ++j)
-      for (int i = 0; i < segments; ++i) {
-        const uint32_t key = i < set.n_abs ? v[j] & 0x7fffffffu : signed_key(float_of(v[j]));
-        o[i][fill[i]] = key;
-        fill[i] += (i < set.n_abs ? set.abs[i] : set.signed_keys).contains(key);
-      }
+    split_by_interval_tail(v, body, to, set, o, fill);
   }
   for (int i = 0; i < segments; ++i) count[i] = static_cast<int64_t>(fill[i]);
 }
