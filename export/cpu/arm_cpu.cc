@@ -1085,9 +1085,15 @@ inline void thread_chunk(int64_t begin, int64_t end, int threads, int t, int64_t
   *e = begin + L * (t + 1) / threads;
 }
 
-// f(lo, hi) for the stretches of [b, e) that belong to valid tokens, one token at a time.
+// f(lo, hi) for the stretches of [b, e) that belong to valid tokens: all of [b, e) at once
+// without a mask (each call of a vector loop has its set-up and its tail), else one token at
+// a time.
 template <class F>
 void for_valid_ranges(const Problem& p, int64_t b, int64_t e, F&& f) {
+  if (p.mask_type == ARMQ_MASK_NONE) {
+    if (b < e) f(b, e);
+    return;
+  }
   while (b < e) {
     const int64_t token = b / p.I;
     const int64_t token_end = std::min(e, (token + 1) * p.I);
