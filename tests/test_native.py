@@ -83,8 +83,8 @@ def test_parity_small_groups(dtype, scope, kind):
         check(x, mask.long(), positions, ARMConfig(scope=scope, percentile_of="abs"))
 
 
-# Groups of at least 2**17 elements take the histogram path (float32 ones of 2**20 or more try
-# a sample first; see below).
+# Groups of at least 2**17 elements take the histogram path (float32 and float16 ones of 2**20
+# or more try a sample first; see below).
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ("normal", "ties", "zeros", "nonfinite", "wide", "negative"))
 def test_parity_large_groups(dtype, kind):
@@ -132,22 +132,25 @@ def test_parity_large_group_all_equal():
     check(x, config=ARMConfig(scope="tensor"))
 
 
-# float32 groups of at least 2**20 elements first bracket their statistics from a sample and
-# count against the brackets; the histogram path runs when a bracket misses.
+# float32 and float16 groups of at least 2**20 elements first bracket their statistics from a
+# sample and count against the brackets (float16 as its values' float32 bits); the histogram
+# path runs when a bracket misses.
 SAMPLED_SHAPE = (1, 8, 131_072)
+SAMPLED_DTYPES = (torch.float32, torch.float16)
 SAMPLED_CONFIGS = (ARMConfig(), ARMConfig(scope="tensor", percentile_of="abs"), PRESETS["llama-3.1"],
                    PRESETS["gemma-3"], ARMConfig(share="fixed", c=0.3, p1=0.0),
                    ARMConfig(p1=100.0, pmin=0.0, pmax=1.0, k=20.0))
 
 
+@pytest.mark.parametrize("dtype", SAMPLED_DTYPES, ids=str)
 @pytest.mark.parametrize("margin", ("1", "0"), ids=("sampled", "brackets_at_the_edge"))
 @pytest.mark.parametrize("kind", ("normal", "ties", "zeros", "nonfinite", "wide", "negative", "all_equal"))
-def test_parity_sampled_groups(kind, margin, monkeypatch):
+def test_parity_sampled_groups(kind, margin, dtype, monkeypatch):
     # Margin 0 shrinks the brackets to the sample's own bins: most miss, and the rest are
     # exact only just.
     monkeypatch.setenv("ARMQUANT_SAMPLE_MARGIN", margin)
     gen = torch.Generator().manual_seed(17)
-    x = data(kind, SAMPLED_SHAPE, torch.float32, gen)
+    x = data(kind, SAMPLED_SHAPE, dtype, gen)
     mask = torch.ones(SAMPLED_SHAPE[:2], dtype=torch.bool)
     mask[0, 2] = False
     positions = torch.randint(0, 2**40, SAMPLED_SHAPE[:2], generator=gen)
@@ -166,11 +169,15 @@ def test_parity_sampled_group_with_channel_structure():
         check(x, config=config)
 
 
-def test_parity_sampled_group_with_odd_rows():
-    # Rows of an odd length: the counting pass runs one token at a time, so every row ends in
-    # a scalar tail; masked rows are left out of it.
+@pytest.mark.parametrize("dtype", SAMPLED_DTYPES, ids=str)
+def test_parity_sampled_group_with_odd_rows(dtype):
+    # Rows of an odd length: with a mask the counting pass runs one token at a time, so every
+    # row ends in a scalar tail (of the widening too); masked rows are left out of it.
     gen = torch.Generator().manual_seed(29)
-    x = data("ties", (1, 11, 95_329), torch.float32, gen)
+    x = data("ties", (1, 11, 95_329), dtype, gen)
+    # Each row's most negative value in its last element, inside the tails: Mneg comes from there.
+    x[0, :, -1] = -torch.arange(40, 51, dtype=torch.float32).to(dtype)
+    x[0, :, -2] = torch.arange(30, 41, dtype=torch.float32).to(dtype)
     mask = torch.ones(1, 11, dtype=torch.bool)
     mask[0, 4] = False
     positions = torch.randint(0, 2**40, (1, 11), generator=gen)
@@ -178,13 +185,17 @@ def test_parity_sampled_group_with_odd_rows():
         check(x, mask, positions, config)
 
 
-def test_parity_sampled_group_across_many_octaves(monkeypatch):
-    # Log-normal scales spread the brackets over a dozen octaves: the counting pass compares
-    # coarse byte keys (a grid step of 8 or 16 bins) and widens every bracket to that grid.
+@pytest.mark.parametrize("dtype", SAMPLED_DTYPES, ids=str)
+def test_parity_sampled_group_across_many_octaves(dtype, monkeypatch):
+    # Log-normal scales spread the brackets over a dozen octaves (fewer in float16, which has
+    # no more): the counting pass compares coarse byte keys (a grid step of 8 or 16 bins) and
+    # widens every bracket to that grid.
     # Strict: the brackets hold, so the counting pass alone must resolve every statistic.
     monkeypatch.setenv("ARMQUANT_SAMPLE_STRICT", "1")
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(SAMPLED_SHAPE, generator=gen) * torch.exp(3 * torch.randn(SAMPLED_SHAPE, generator=gen))
+    spread = 3.0 if dtype == torch.float32 else 1.5
+    x = torch.randn(SAMPLED_SHAPE, generator=gen) * torch.exp(spread * torch.randn(SAMPLED_SHAPE, generator=gen))
+    x = x.to(dtype)
     for config in SAMPLED_CONFIGS[:5] + (ARMConfig(c=0.002, p1=99.9, percentile_of="abs"),):
         check(x, config=config)
 
@@ -209,23 +220,25 @@ def test_parity_large_group_with_more_threads_than_cores(dtype):
 BRACKETED_CONFIGS = tuple(c for c in SAMPLED_CONFIGS if 0 < c.p1 < 100)
 
 
+@pytest.mark.parametrize("dtype", SAMPLED_DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ("normal", "ties", "negative"))
-def test_sampled_statistics_hold_without_fallback(kind, monkeypatch):
+def test_sampled_statistics_hold_without_fallback(kind, dtype, monkeypatch):
     # A miscount in the counting pass sends a group to the histogram path, which hides it: the
     # output stays right. ARMQUANT_SAMPLE_STRICT turns that fallback into an error, so these
     # ordinary data must be resolved from the counting pass alone.
     monkeypatch.setenv("ARMQUANT_SAMPLE_STRICT", "1")
     gen = torch.Generator().manual_seed(17)
-    x = data(kind, SAMPLED_SHAPE, torch.float32, gen)
+    x = data(kind, SAMPLED_SHAPE, dtype, gen)
     mask = torch.ones(SAMPLED_SHAPE[:2], dtype=torch.bool)
     mask[0, 2] = False
     for config in BRACKETED_CONFIGS:
         check(x, mask, None, config)
 
 
-def test_sampled_and_histogram_paths_agree(monkeypatch):
+@pytest.mark.parametrize("dtype", SAMPLED_DTYPES, ids=str)
+def test_sampled_and_histogram_paths_agree(dtype, monkeypatch):
     gen = torch.Generator().manual_seed(23)
-    x = data("normal", SAMPLED_SHAPE, torch.float32, gen) * 0.01
+    x = (data("normal", SAMPLED_SHAPE, torch.float32, gen) * 0.01).to(dtype)
     sampled = native(x, config=ARMConfig(seed=9))
     monkeypatch.setenv("ARMQUANT_DISABLE_SAMPLING", "1")
     assert_same_bits(sampled, native(x, config=ARMConfig(seed=9)))
@@ -248,7 +261,7 @@ _VECTOR_PATH_CHECK = """
 import os, sys, torch
 sys.path.insert(0, {tests!r})
 from armquant import _native
-from test_native import BRACKETED_CONFIGS, DTYPES, PRESETS, ARMConfig, check, data
+from test_native import BRACKETED_CONFIGS, DTYPES, PRESETS, SAMPLED_DTYPES, ARMConfig, check, data
 assert _native.cpu_isa() == {isa!r}, _native.cpu_isa()
 gen = torch.Generator().manual_seed(13)
 for dtype in DTYPES:
@@ -260,14 +273,15 @@ for dtype in DTYPES:
             mask = torch.rand(shape[:2], generator=gen) < 0.8
             check(x, mask, None, ARMConfig(scope=scope, seed=7))
             check(x, None, None, PRESETS["llama-3.1"].replace(scope=scope))
-# float32 groups resolved from the sample's brackets, where a fallback would hide a miscount
+# groups resolved from the sample's brackets, where a fallback would hide a miscount
 os.environ["ARMQUANT_SAMPLE_STRICT"] = "1"
-for kind in ("normal", "ties", "negative"):
-    x = data(kind, (1, 9, 131_071), torch.float32, gen)
-    mask = torch.ones(x.shape[:2], dtype=torch.bool)
-    mask[0, 3] = False
-    for config in BRACKETED_CONFIGS:
-        check(x, mask, None, config)
+for dtype in SAMPLED_DTYPES:
+    for kind in ("normal", "ties", "negative"):
+        x = data(kind, (1, 9, 131_071), dtype, gen)
+        mask = torch.ones(x.shape[:2], dtype=torch.bool)
+        mask[0, 3] = False
+        for config in BRACKETED_CONFIGS:
+            check(x, mask, None, config)
 print("vector paths match")
 """
 
@@ -463,7 +477,7 @@ def test_fuzz_parity(B, S, I, dtype, scope, share, percentile_of, c, p1, k, pmin
 
 
 # Large groups resolve every statistic from a histogram and the exact values of a few bins (or,
-# float32 from 2**20 elements, from a sample's brackets); the shapes of the data decide which
+# float32 and float16 from 2**20 elements, from a sample's brackets); the shapes of the data decide which
 # bins those are, so vary the data's shape more than its size.
 _LARGE_FUZZ = dict(
     scope=st.sampled_from(["tensor", "sequence"]),
@@ -508,13 +522,13 @@ def test_fuzz_parity_large_groups(dtype, **kwargs):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(margin=st.sampled_from(["1", "0.3", "0"]), **_LARGE_FUZZ)
-def test_fuzz_parity_sampled_groups(margin, **kwargs):
+@given(dtype=st.sampled_from(SAMPLED_DTYPES), margin=st.sampled_from(["1", "0.3", "0"]), **_LARGE_FUZZ)
+def test_fuzz_parity_sampled_groups(dtype, margin, **kwargs):
     import os
 
     os.environ["ARMQUANT_SAMPLE_MARGIN"] = margin
     try:
-        _check_fuzzed(SAMPLED_SHAPE, torch.float32, **kwargs)
+        _check_fuzzed(SAMPLED_SHAPE, dtype, **kwargs)
     finally:
         del os.environ["ARMQUANT_SAMPLE_MARGIN"]
 
