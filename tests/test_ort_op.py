@@ -121,13 +121,15 @@ def test_rank_two_input_and_large_group():
 @pytest.mark.parametrize("intra_op_threads", (1, 2, 3))
 def test_large_groups_on_the_sessions_thread_pool(intra_op_threads):
     # The kernel's threads come from the session's intra-op pool, however many it has; a
-    # float32 group this large takes the sampled path, the bfloat16 one the histogram path.
+    # float32 or float16 group this large takes the sampled path, the bfloat16 one the
+    # histogram path.
     gen = torch.Generator().manual_seed(29)
     x = torch.randn(1, 8, 131_072, generator=gen)
     mask = torch.ones(1, 8, dtype=torch.int64)
     mask[0, 3] = 0
-    sess = session(mask_type=TensorProto.INT64, intra_op_threads=intra_op_threads)
-    assert_same_bits(run(sess, x, mask), arm_reference(x, mask))
+    for dtype in (torch.float32, torch.float16):
+        sess = session(ELEM[dtype], mask_type=TensorProto.INT64, intra_op_threads=intra_op_threads)
+        assert_same_bits(run(sess, x.to(dtype), mask), arm_reference(x.to(dtype), mask))
     x = x[:, :4].to(torch.bfloat16)
     sess = session(ELEM[torch.bfloat16], intra_op_threads=intra_op_threads, **attributes(PRESETS["llama-3.1"]))
     assert_same_bits(run(sess, x), arm_reference(x, config=PRESETS["llama-3.1"]))
