@@ -950,6 +950,94 @@ inline int64_t count_below(const uint32_t* keys, int64_t n, uint32_t key) {
   return count_below_scalar(keys, n, key);
 }
 
+// small_group's values: the finite ones among x[0, n), as floats, appended to out in order
+// (room for n); lowers *x_min to the smallest of them. Returns how many.
+template <class D>
+int64_t collect_finite_scalar(const typename D::Raw* x, int64_t n, float* out, float* x_min) {
+  int64_t kept = 0;
+  float low = *x_min;
+  for (int64_t j = 0; j < n; ++j) {
+    // Every value is written and only finite ones are kept: no branch per element.
+    const bool finite = D::finite(x[j]);
+    const float v = D::value(x[j]);
+    out[kept] = v;
+    kept += finite;
+    low = std::min(low, finite ? v : INFINITY);
+  }
+  *x_min = low;
+  return kept;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// collect_finite_scalar eight values at a time (as float32 bits, 16-bit ones widened), the
+// finite lanes compacted by a permute.
+template <class D>
+__attribute__((target("avx2,f16c,popcnt"))) int64_t collect_finite_avx2(const typename D::Raw* x, int64_t n, float* out,
+                                                                       float* x_min) {
+  const CompressTable& table = compress_table();
+  const __m256i exponent = _mm256_set1_epi32(0x7f800000);
+  const __m256 infinity = _mm256_set1_ps(INFINITY);
+  __m256 low = infinity;
+  int64_t kept = 0, j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256i bits;
+    if constexpr (std::is_same<D, Float32>::value)
+      bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j));
+    else if constexpr (std::is_same<D, Float16>::value)
+      bits = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + j))));
+    else
+      bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + j))), 16);
+    const __m256i non_finite = _mm256_cmpeq_epi32(_mm256_and_si256(bits, exponent), exponent);
+    const unsigned finite = ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(non_finite))) & 0xffu;
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[finite]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept), _mm256_permutevar8x32_epi32(bits, perm));
+    kept += __builtin_popcount(finite);
+    low = _mm256_min_ps(low, _mm256_blendv_ps(_mm256_castsi256_ps(bits), infinity, _mm256_castsi256_ps(non_finite)));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, low);
+  for (float v : lanes) *x_min = std::min(*x_min, v);
+  return kept + collect_finite_scalar<D>(x + j, n - j, out + kept, x_min);
+}
+
+#pragma GCC diagnostic push  // GCC bug 105593, as at philox_w0_avx512
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// collect_finite_avx2 sixteen values at a time, compacted by vpcompressd.
+template <class D>
+__attribute__((target("avx512f,avx512bw,avx512vl,popcnt,avx2,f16c"))) int64_t collect_finite_avx512(
+    const typename D::Raw* x, int64_t n, float* out, float* x_min) {
+  const __m512i exponent = _mm512_set1_epi32(0x7f800000);
+  __m512 low = _mm512_set1_ps(INFINITY);
+  int64_t kept = 0, j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m512i bits;
+    if constexpr (std::is_same<D, Float32>::value)
+      bits = _mm512_loadu_si512(x + j);
+    else if constexpr (std::is_same<D, Float16>::value)
+      bits = _mm512_castps_si512(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j))));
+    else
+      bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j))), 16);
+    const __mmask16 finite = _mm512_cmpneq_epi32_mask(_mm512_and_si512(bits, exponent), exponent);
+    _mm512_storeu_si512(out + kept, _mm512_maskz_compress_epi32(finite, bits));
+    kept += __builtin_popcount(finite);
+    low = _mm512_mask_min_ps(low, finite, low, _mm512_castsi512_ps(bits));
+  }
+  *x_min = std::min(*x_min, _mm512_reduce_min_ps(low));
+  return kept + collect_finite_scalar<D>(x + j, n - j, out + kept, x_min);
+}
+#pragma GCC diagnostic pop
+#endif
+
+template <class D>
+int64_t collect_finite(const typename D::Raw* x, int64_t n, float* out, float* x_min) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (use_avx512()) return collect_finite_avx512<D>(x, n, out, x_min);
+  if (use_avx2()) return collect_finite_avx2<D>(x, n, out, x_min);
+#endif
+  return collect_finite_scalar<D>(x, n, out, x_min);
+}
+
 template <class D>
 void small_group(const Problem& p, int64_t begin, int64_t end, Scratch& s) {
   using Raw = typename D::Raw;
@@ -959,14 +1047,8 @@ void small_group(const Problem& p, int64_t begin, int64_t end, Scratch& s) {
   int64_t N = 0;
   for (int64_t token = begin / p.I; token * p.I < end; ++token) {
     if (!token_valid(p, token)) continue;
-    for (int64_t e = token * p.I, stop = std::min(end, e + p.I); e < stop; ++e) {
-      // Every value is written and only finite ones are kept: no branch per element.
-      const bool finite = D::finite(x[e]);
-      const float v = D::value(x[e]);
-      s.vals[N] = v;
-      N += finite;
-      x_min = std::min(x_min, finite ? v : INFINITY);
-    }
+    const int64_t first = token * p.I;
+    N += collect_finite<D>(x + first, std::min(end, first + p.I) - first, s.vals.data() + N, &x_min);
   }
   s.vals.resize(N);
   if (N == 0) return select_and_move<D>(p, begin, end, Stats{}, TieShare{});
