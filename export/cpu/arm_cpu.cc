@@ -799,8 +799,8 @@ struct Scratch {
     vals.reserve(n);
     akeys.reserve(n);
     keys.reserve(n);
-    abs_buckets.reserve(n + 8);
-    buckets.reserve(n + 8);
+    abs_buckets.reserve(2 * n + 16);
+    buckets.reserve(2 * n + 16);
   }
 };
 
@@ -854,6 +854,11 @@ inline size_t keys_in(const uint32_t* keys, size_t n, KeyInterval w, uint32_t* o
   return keys_in_scalar(keys, n, w, out);
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2,popcnt"))) uint32_t kth_key_avx2(uint32_t* keys, size_t n, KeyInterval w, int64_t k,
+                                                             size_t small);
+#endif
+
 // Order statistics of one array of keys: one counting pass buckets them by their top 11 bits;
 // a rank is selected among its bucket's keys, which a vector pass gathers into scratch: a
 // bucket (a quarter of an octave of float magnitudes) holds a few percent of the keys, and the
@@ -886,16 +891,28 @@ class KeyRanks {
       keys_in(keys_, static_cast<size_t>(n_), {lo, lo + (1u << kShift)}, scratch_);  // the top bucket's end wraps to 0
       gathered_ = bin;
     }
+#if defined(__x86_64__) || defined(__i386__)
+    // Rounds of sixteenths on a copy (the bucket stays whole for the next rank): vector
+    // compares, where nth_element on a hundred-odd keys mispredicted a branch for about every
+    // other key and took a third of a token-scope call.
+    if (use_avx2()) {
+      uint32_t* copy = scratch_ + count_[bin] + 8;
+      std::copy(scratch_, scratch_ + count_[bin], copy);
+      const uint32_t lo = static_cast<uint32_t>(bin) << kShift;
+      return kth_key_avx2(copy, count_[bin], {lo, lo + (1u << kShift)}, k - before, kSmallSelection);
+    }
+#endif
     std::nth_element(scratch_, scratch_ + (k - before), scratch_ + count_[bin]);
     return scratch_[k - before];
   }
 
  private:
   static constexpr int kShift = 21, kBins = 2048, kBlock = 64;
+  static constexpr size_t kSmallSelection = 32;  // keys left to nth_element (16 to 64 timed alike)
   const uint32_t* keys_;
   int64_t n_;
   int bins_;
-  uint32_t* scratch_;  // room for n + 8 keys
+  uint32_t* scratch_;  // room for 2n + 16 keys: a bucket, and a copy to select in
   int gathered_ = -1;
   uint32_t count_[kBins];  // small groups: fewer than 2^32 keys
   uint32_t block_[kBins / kBlock];
@@ -1055,8 +1072,8 @@ void small_group(const Problem& p, int64_t begin, int64_t end, Scratch& s) {
   const int64_t rank = (N - 1) / 2;
   s.akeys.resize(N);
   s.keys.resize(N);
-  s.abs_buckets.resize(N + 8);  // KeyRanks' scratch
-  s.buckets.resize(N + 8);
+  s.abs_buckets.resize(2 * N + 16);  // KeyRanks' scratch
+  s.buckets.resize(2 * N + 16);
   // Bits of non-negative floats order like the values.
   for (int64_t j = 0; j < N; ++j) s.akeys[j] = bits_of(std::fabs(s.vals[j]));
   KeyRanks abs_ranks(s.akeys.data(), N, true, s.abs_buckets.data());
@@ -1694,11 +1711,12 @@ inline int part_holding(const int64_t* below, int64_t k, int64_t* before) {
   return s;
 }
 
-// Rank k (0-based, ascending) of keys[0, n), all in w; reorders keys. Each round counts the
-// keys below 15 evenly spaced pivots and keeps those of the sixteenth that holds rank k;
-// a few hundred left are selected directly.
-__attribute__((target("avx2,popcnt"))) uint32_t kth_key_avx2(uint32_t* keys, size_t n, KeyInterval w, int64_t k) {
-  while (n > 512 && Sixteenths::worth_it(w)) {
+// Rank k (0-based, ascending) of keys[0, n), all in w; reorders keys (room for n + 8). Each
+// round counts the keys below 15 evenly spaced pivots and keeps those of the sixteenth that
+// holds rank k; the last `small` or fewer are selected directly.
+__attribute__((target("avx2,popcnt"))) uint32_t kth_key_avx2(uint32_t* keys, size_t n, KeyInterval w, int64_t k,
+                                                             size_t small) {
+  while (n > small && Sixteenths::worth_it(w)) {
     const Sixteenths cut(w);
     int64_t below[Sixteenths::kParts], before;
     count_by_sixteenths(keys, n, cut, below);
@@ -2107,7 +2125,7 @@ class SampledStatistics {
         n += in_part[t];
       }
     }
-    *key = kth_key_avx2(ws_.keys.data(), n, w, k);
+    *key = kth_key_avx2(ws_.keys.data(), n, w, k, 512);
     return true;
   }
   bool kth_in_segment(KeyInterval w, bool signed_keys, int64_t k, uint32_t* key) {
