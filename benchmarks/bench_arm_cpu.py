@@ -23,6 +23,7 @@ thread count; the table shows ratios (the machine may be shared, absolute times 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -78,36 +79,42 @@ def paired(times: dict, numerator: str, denominator: str) -> dict:
     return {"median": ratios[len(ratios) // 2], "q1": ratios[len(ratios) // 4], "q3": ratios[(3 * len(ratios)) // 4]}
 
 
-def bench(shape, dtype, scope: str, rounds: int, reference_rounds: int, baseline=None) -> dict:
+def bench(shape, dtype, scope: str, rounds: int, reference_rounds: int, baseline=None, inputs: int = 1) -> dict:
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen).to(dtype)
+    xs = [torch.randn(shape, generator=gen).to(dtype) for _ in range(inputs)]
     config = ARMConfig(scope=scope)
     native = _native.kernel("cpu")
     candidates = {
-        "native": lambda: native(x, None, None, config),
-        "add": lambda: torch.add(x, 1.0),
-        "abs": lambda: x.abs(),
+        "native": lambda x: native(x, None, None, config),
+        "add": lambda x: torch.add(x, 1.0),
+        "abs": lambda x: x.abs(),
     }
     if baseline is not None:
-        candidates["baseline"] = lambda: baseline(x, None, None, config)
-        if not torch.equal(native(x, None, None, config).view(torch.uint8), baseline(x, None, None, config).view(torch.uint8)):
+        candidates["baseline"] = lambda x: baseline(x, None, None, config)
+        if not torch.equal(candidates["native"](xs[0]).view(torch.uint8), candidates["baseline"](xs[0]).view(torch.uint8)):
             raise SystemExit("error: the baseline library computes a different ARM output; compare builds of one op")
     for fn in candidates.values():
-        fn()  # warm up: page in, spawn nothing lazily inside the timing
+        fn(xs[0])  # warm up: page in, spawn nothing lazily inside the timing
     times = {name: [] for name in candidates}
     times["reference"] = []
     for r in range(rounds):  # interleaved, so that load from elsewhere hits all alike
+        x = xs[r % inputs]
         # Every other round in reverse order: what runs first after the previous round (whose
         # buffers it finds in cache, or not) changes, and no candidate always gets that slot.
         order = list(candidates.items()) if r % 2 == 0 else list(reversed(candidates.items()))
         for name, fn in order:
-            times[name] += best_of(fn, 1)
+            times[name] += best_of(lambda: fn(x), 1)
         if r < reference_rounds:
             times["reference"] += best_of(lambda: arm_reference(x, None, None, config), 1)
-    loops = {name: loop_ms(candidates[name]) for name in ("native", "add")}
+
+    def cycling(fn):  # each call on the next input
+        following = itertools.cycle(xs)
+        return lambda: fn(next(following))
+
+    loops = {name: loop_ms(cycling(candidates[name])) for name in ("native", "add")}
     ms = {name: 1e3 * min(values) for name, values in times.items()}
     row = {
-        "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "scope": scope, "rounds": rounds,
+        "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "scope": scope, "rounds": rounds, "inputs": inputs,
         "reference_rounds": reference_rounds, "min_ms": ms,
         "median_ms": {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items()},
         "speedup": ms["reference"] / ms["native"], "vs_add": ms["native"] / ms["add"], "vs_abs": ms["native"] / ms["abs"],
@@ -127,10 +134,16 @@ def main() -> int:
     parser.add_argument("--scopes", default="sequence", help="comma-separated: tensor, sequence, token")
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds of native/add/abs (min is reported)")
     parser.add_argument("--reference-rounds", type=int, default=3, help="timed rounds of the slow reference")
+    parser.add_argument("--inputs", type=int, default=1,
+                        help="random inputs to cycle through, round by round and call by call in the loops: with one, "
+                             "a small group's branches repeat every call and the CPU learns them (decode shapes: 512)")
     parser.add_argument("--baseline-library", type=Path, default=None,
                         help="another build of libarmquant_ort.so to time against the current one, round by round")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_arm_cpu.json"))
     args = parser.parse_args()
+    if args.inputs < 1:
+        print(f"error: --inputs {args.inputs}: give at least one input", file=sys.stderr)
+        return 1
     if _native.kernel("cpu") is None:
         print("error: the native kernel is not built; run `python -m armquant._native --build`", file=sys.stderr)
         return 1
@@ -157,7 +170,7 @@ def main() -> int:
         shape = tuple(int(d) for d in shape_text.split("x"))
         for dtype_name in args.dtypes.split(","):
             for scope in args.scopes.split(","):
-                row = bench(shape, DTYPES[dtype_name], scope, args.rounds, args.reference_rounds, baseline)
+                row = bench(shape, DTYPES[dtype_name], scope, args.rounds, args.reference_rounds, baseline, args.inputs)
                 record["results"].append(row)
                 ms = row["min_ms"]
                 line = (f"{shape_text:>16} {dtype_name:>9} {scope:>9} | {ms['reference']:10.1f} {ms['native']:8.2f} "
