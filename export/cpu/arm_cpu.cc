@@ -1223,6 +1223,7 @@ constexpr int64_t kMinSampledGroup = int64_t{1} << 20;  // below this the sample
 // kept values no longer stay in cache.
 constexpr int64_t kMaxSampledHalfGroup = int64_t{1} << 22;
 constexpr size_t kParallelSelection = 8192;  // kept keys from which a selection splits its first round
+constexpr size_t kDirectSelection = 512;     // kept keys a selection leaves to nth_element
 constexpr uint32_t kFiniteKeys = 0x7f800000u;            // |x| keys of the finite values
 
 // Signed keys as int32 that order like x (-0 just below +0), for the vector compares.
@@ -2125,7 +2126,7 @@ class SampledStatistics {
         n += in_part[t];
       }
     }
-    *key = kth_key_avx2(ws_.keys.data(), n, w, k, 512);
+    *key = kth_key_avx2(ws_.keys.data(), n, w, k, kDirectSelection);
     return true;
   }
   bool kth_in_segment(KeyInterval w, bool signed_keys, int64_t k, uint32_t* key) {
