@@ -1007,8 +1007,19 @@ int64_t collect_finite_scalar(const typename D::Raw* x, int64_t n, float* out, f
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-// collect_finite_scalar eight values at a time (as float32 bits, 16-bit ones widened), the
-// finite lanes compacted by a permute.
+// Eight values of x as their float32 bits: exact, as every float16 and bfloat16 value is a float32.
+template <class D>
+__attribute__((target("avx2,f16c"))) inline __m256i float32_bits8(const typename D::Raw* x) {
+  if constexpr (std::is_same<D, Float32>::value)
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  else if constexpr (std::is_same<D, Float16>::value)
+    return _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))));
+  else
+    return _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))), 16);
+}
+
+// collect_finite_scalar eight values at a time (as float32 bits), the finite lanes compacted
+// by a permute.
 template <class D>
 __attribute__((target("avx2,f16c,popcnt"))) int64_t collect_finite_avx2(const typename D::Raw* x, int64_t n, float* out,
                                                                        float* x_min) {
@@ -1018,13 +1029,7 @@ __attribute__((target("avx2,f16c,popcnt"))) int64_t collect_finite_avx2(const ty
   __m256 low = infinity;
   int64_t kept = 0, j = 0;
   for (; j + 8 <= n; j += 8) {
-    __m256i bits;
-    if constexpr (std::is_same<D, Float32>::value)
-      bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j));
-    else if constexpr (std::is_same<D, Float16>::value)
-      bits = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + j))));
-    else
-      bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + j))), 16);
+    const __m256i bits = float32_bits8<D>(x + j);
     const __m256i non_finite = _mm256_cmpeq_epi32(_mm256_and_si256(bits, exponent), exponent);
     const unsigned finite = ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(non_finite))) & 0xffu;
     const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[finite]));
@@ -1821,8 +1826,7 @@ const uint32_t* float32_bits<Float32>(const uint32_t* x, int64_t, uint32_t*) {
 template <>
 __attribute__((target("avx2,f16c"))) const uint32_t* float32_bits<Float16>(const uint16_t* x, int64_t n, uint32_t* out) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(reinterpret_cast<float*>(out + i), _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+  for (; i + 8 <= n; i += 8) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), float32_bits8<Float16>(x + i));
   for (; i < n; ++i) out[i] = bits_of(Float16::value(x[i]));
   return out;
 }
@@ -2371,9 +2375,9 @@ class LargeGroup {
     // pass needs no second pass (a bin is a value), and beyond the cache it costs less than the
     // sample and the counting pass (see kMaxSampledHalfGroup); bfloat16's few bins an octave
     // keep it cheap at any size (1.02x-1.27x the time with the sample).
-    if constexpr (std::is_same<D, Float32>::value) sampled = sampled_statistics<D>(p_, begin_, end_, threads_, ws_.sampled, &st);
-    if constexpr (std::is_same<D, Float16>::value)
-      if (end_ - begin_ <= kMaxSampledHalfGroup) sampled = sampled_statistics<D>(p_, begin_, end_, threads_, ws_.sampled, &st);
+    if constexpr (!std::is_same<D, BFloat16>::value)
+      if (std::is_same<D, Float32>::value || end_ - begin_ <= kMaxSampledHalfGroup)
+        sampled = sampled_statistics<D>(p_, begin_, end_, threads_, ws_.sampled, &st);
     if (!sampled) {
       histogram();
       if (n_valid_ > 0) {
