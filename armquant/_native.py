@@ -173,10 +173,24 @@ def _raise_on(lib: ctypes.CDLL, code: int, where: str, x: torch.Tensor) -> None:
         raise RuntimeError(f"native ARM kernel ({where}) failed for X {list(x.shape)} {x.dtype}: {text} (code {code})")
 
 
+def _output(x: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """A fresh output like x, or `out` once it is checked to be one."""
+    if out is None:
+        return torch.empty_like(x)
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {list(x.shape)} on {x.device}, like X; "
+                         f"got {out.dtype} {list(out.shape)} on {out.device}"
+                         f"{'' if out.is_contiguous() else ', not contiguous'}: pass such a tensor or none")
+    x_end, out_end = x.data_ptr() + x.nbytes, out.data_ptr() + out.nbytes
+    if out.data_ptr() < x_end and x.data_ptr() < out_end:
+        raise ValueError("out shares memory with X, and the kernel does not run in place; pass another tensor or none")
+    return out
+
+
 def _cpu_kernel(lib: ctypes.CDLL) -> Callable:
-    def run(x, mask, positions, config: ARMConfig) -> torch.Tensor:
+    def run(x, mask, positions, config: ARMConfig, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         x, mask, mask_type, positions, B, S, I = _prepare(x, mask, positions)
-        y = torch.empty_like(x)
+        y = _output(x, out)
         attrs = KernelAttrs.of(config)
         code = lib.armq_cpu_forward(
             _DTYPES[x.dtype], _pointer(x), _pointer(y), B, S, I, _pointer(mask), mask_type, _pointer(positions),
@@ -210,7 +224,8 @@ def _cuda_kernel(lib: ctypes.CDLL) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def kernel(device_type: str) -> Optional[Callable]:
-    """`(x, mask, positions, config) -> Tensor` running the native kernel on this device type, or None."""
+    """`(x, mask, positions, config) -> Tensor` running the native kernel on this device type, or None.
+    On the CPU it also takes `out=`, a preallocated output (as ONNX Runtime's arena gives the op)."""
     lib = _library()
     if lib is None:
         return None

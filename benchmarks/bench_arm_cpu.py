@@ -12,6 +12,10 @@ thread count; the table shows ratios (the machine may be shared, absolute times 
     loops     = native / add, each timed in a loop of back-to-back calls (best of three
                 loops): every call then finds x and its own output still in cache, which
                 speeds the elementwise pass more than ARM, so this ratio is the higher one
+    out       = paired, as above, with both writing into an output allocated once (add with
+                out=), as ONNX Runtime's arena hands the op its output. A fresh output of more
+                than 32 MB is fresh pages from the kernel on every call, and their faults then
+                dominate both sides: at [1, 2048, 14336] float32 they are most of add's time
     vs base   = the median over rounds of native / baseline, with --baseline-library naming
                 another build of the library (say, of the previous commit), run in the same
                 rounds: how a change to the kernel moved its speed
@@ -89,6 +93,9 @@ def bench(shape, dtype, scope: str, rounds: int, reference_rounds: int, baseline
         "add": lambda x: torch.add(x, 1.0),
         "abs": lambda x: x.abs(),
     }
+    native_out, add_out = torch.empty_like(xs[0]), torch.empty_like(xs[0])
+    candidates["native_out"] = lambda x: native(x, None, None, config, out=native_out)
+    candidates["add_out"] = lambda x: torch.add(x, 1.0, out=add_out)
     if baseline is not None:
         candidates["baseline"] = lambda x: baseline(x, None, None, config)
         if not torch.equal(candidates["native"](xs[0]).view(torch.uint8), candidates["baseline"](xs[0]).view(torch.uint8)):
@@ -112,13 +119,14 @@ def bench(shape, dtype, scope: str, rounds: int, reference_rounds: int, baseline
         return lambda: fn(next(following))
 
     loops = {name: loop_ms(cycling(candidates[name])) for name in ("native", "add")}
-    ms = {name: 1e3 * min(values) for name, values in times.items()}
+    ms = {name: 1e3 * min(values) for name, values in times.items() if values}  # no reference with 0 rounds
     row = {
         "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "scope": scope, "rounds": rounds, "inputs": inputs,
         "reference_rounds": reference_rounds, "min_ms": ms,
-        "median_ms": {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items()},
-        "speedup": ms["reference"] / ms["native"], "vs_add": ms["native"] / ms["add"], "vs_abs": ms["native"] / ms["abs"],
+        "median_ms": {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items() if v},
+        "speedup": ms["reference"] / ms["native"] if "reference" in ms else None, "vs_add": ms["native"] / ms["add"], "vs_abs": ms["native"] / ms["abs"],
         "vs_add_paired": paired(times, "native", "add"),
+        "vs_add_out_paired": paired(times, "native_out", "add_out"),
         "loop_ms": loops, "vs_add_loops": loops["native"] / loops["add"],
     }
     if baseline is not None:
@@ -133,7 +141,8 @@ def main() -> int:
     parser.add_argument("--dtypes", default="float32", help=f"comma-separated, of {sorted(DTYPES)}")
     parser.add_argument("--scopes", default="sequence", help="comma-separated: tensor, sequence, token")
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds of native/add/abs (min is reported)")
-    parser.add_argument("--reference-rounds", type=int, default=3, help="timed rounds of the slow reference")
+    parser.add_argument("--reference-rounds", type=int, default=3,
+                        help="timed rounds of the slow reference (0: not timed, no speedup column)")
     parser.add_argument("--inputs", type=int, default=1,
                         help="random inputs to cycle through, round by round and call by call in the loops: with one, "
                              "a small group's branches repeat every call and the CPU learns them (decode shapes: 512)")
@@ -141,6 +150,9 @@ def main() -> int:
                         help="another build of libarmquant_ort.so to time against the current one, round by round")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_arm_cpu.json"))
     args = parser.parse_args()
+    if args.reference_rounds < 0 or args.rounds < 1:
+        print("error: --rounds must be at least 1 and --reference-rounds at least 0", file=sys.stderr)
+        return 1
     if args.inputs < 1:
         print(f"error: --inputs {args.inputs}: give at least one input", file=sys.stderr)
         return 1
@@ -160,7 +172,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     record = {"command": " ".join([Path(sys.executable).name] + sys.argv), "threads": args.threads,
               "machine": machine(), "baseline_library": str(args.baseline_library or ""), "results": []}
-    header = f"{'shape':>16} {'dtype':>9} {'scope':>9} | {'reference':>10} {'native':>8} {'add':>7} {'abs':>7} ms | {'speedup':>8} {'vs add':>7} {'vs abs':>7} {'paired':>7} {'loops':>7}"
+    header = f"{'shape':>16} {'dtype':>9} {'scope':>9} | {'reference':>10} {'native':>8} {'add':>7} {'abs':>7} ms | {'speedup':>8} {'vs add':>7} {'vs abs':>7} {'paired':>7} {'loops':>7} {'out':>7}"
     if baseline is not None:
         header += f" {'vs base':>8}"
     print(f"{record['machine']['cpu']}, {args.threads} threads, CPU kernel paths: {record['machine']['cpu_kernel_paths']}")
@@ -173,9 +185,12 @@ def main() -> int:
                 row = bench(shape, DTYPES[dtype_name], scope, args.rounds, args.reference_rounds, baseline, args.inputs)
                 record["results"].append(row)
                 ms = row["min_ms"]
-                line = (f"{shape_text:>16} {dtype_name:>9} {scope:>9} | {ms['reference']:10.1f} {ms['native']:8.2f} "
-                        f"{ms['add']:7.2f} {ms['abs']:7.2f}    | {row['speedup']:7.1f}x {row['vs_add']:6.2f}x "
-                        f"{row['vs_abs']:6.2f}x {row['vs_add_paired']['median']:6.2f}x {row['vs_add_loops']:6.2f}x")
+                reference = f"{ms['reference']:10.1f}" if row["speedup"] else f"{'-':>10}"
+                speedup = f"{row['speedup']:7.1f}x" if row["speedup"] else f"{'-':>8}"
+                line = (f"{shape_text:>16} {dtype_name:>9} {scope:>9} | {reference} {ms['native']:8.2f} "
+                        f"{ms['add']:7.2f} {ms['abs']:7.2f}    | {speedup} {row['vs_add']:6.2f}x "
+                        f"{row['vs_abs']:6.2f}x {row['vs_add_paired']['median']:6.2f}x {row['vs_add_loops']:6.2f}x "
+                        f"{row['vs_add_out_paired']['median']:6.2f}x")
                 if baseline is not None:
                     line += f" {row['vs_baseline_paired']['median']:7.3f}x"
                 print(line, flush=True)

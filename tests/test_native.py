@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -408,6 +410,27 @@ def test_parity_with_two_threads(scope):
             check(x, config=ARMConfig(scope=scope))
     finally:
         torch.set_num_threads(previous)
+
+
+def test_cpu_kernel_writes_into_a_given_output():
+    x = data("normal", (2, 64, 1536), torch.float32, torch.Generator().manual_seed(5))
+    out = torch.full_like(x, float("nan"))  # every element must be written
+    got = _native.kernel("cpu")(x, None, None, ARMConfig(), out=out)
+    assert got is out
+    assert_same_bits(out, arm_reference(x, config=ARMConfig()))
+
+
+@pytest.mark.parametrize("bad, words", [
+    (lambda x: torch.empty(2, 64, 1535), "got torch.float32 [2, 64, 1535]"),
+    (lambda x: torch.empty(2, 64, 1536, dtype=torch.float16), "torch.float16"),
+    (lambda x: torch.empty(2, 1536, 64).transpose(1, 2), "not contiguous"),
+    (lambda x: x, "shares memory with X"),
+    (lambda x: torch.as_strided(x, x.shape, x.stride(), x.storage_offset() + 64 * 1536), "shares memory with X"),
+], ids=["shape", "dtype", "strides", "x_itself", "overlapping_x"])
+def test_cpu_kernel_rejects_an_output_unlike_x(bad, words):
+    x = torch.randn(3, 64, 1536)[:2]  # with room after it for an overlapping output
+    with pytest.raises(ValueError, match=re.escape(words)):
+        _native.kernel("cpu")(x, None, None, ARMConfig(), out=bad(x))
 
 
 def test_torch_op_uses_native_kernel_when_forced(monkeypatch):
