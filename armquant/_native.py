@@ -203,9 +203,9 @@ def _cpu_kernel(lib: ctypes.CDLL) -> Callable:
 
 
 def _cuda_kernel(lib: ctypes.CDLL) -> Callable:
-    def run(x, mask, positions, config: ARMConfig) -> torch.Tensor:
+    def run(x, mask, positions, config: ARMConfig, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         x, mask, mask_type, positions, B, S, I = _prepare(x, mask, positions)
-        y = torch.empty_like(x)
+        y = _output(x, out)
         attrs = KernelAttrs.of(config)
         dtype = _DTYPES[x.dtype]
         nbytes = lib.armq_cuda_workspace_bytes(dtype, B, S, I, ctypes.byref(attrs))
@@ -224,8 +224,8 @@ def _cuda_kernel(lib: ctypes.CDLL) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def kernel(device_type: str) -> Optional[Callable]:
-    """`(x, mask, positions, config) -> Tensor` running the native kernel on this device type, or None.
-    On the CPU it also takes `out=`, a preallocated output (as ONNX Runtime's arena gives the op)."""
+    """`(x, mask, positions, config, out=None) -> Tensor` running the native kernel on this device
+    type, or None. `out` is a preallocated output, as ONNX Runtime's arena gives the op."""
     lib = _library()
     if lib is None:
         return None

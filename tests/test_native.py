@@ -412,12 +412,15 @@ def test_parity_with_two_threads(scope):
         torch.set_num_threads(previous)
 
 
-def test_cpu_kernel_writes_into_a_given_output():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_kernel_writes_into_a_given_output(device):
+    if device == "cuda" and (not torch.cuda.is_available() or _native.kernel("cuda") is None):
+        pytest.skip("no CUDA device, or a library built without the CUDA kernel")
     x = data("normal", (2, 64, 1536), torch.float32, torch.Generator().manual_seed(5))
-    out = torch.full_like(x, float("nan"))  # every element must be written
-    got = _native.kernel("cpu")(x, None, None, ARMConfig(), out=out)
+    out = torch.full_like(x, float("nan"), device=device)  # every element must be written
+    got = _native.kernel(device)(x.to(device), None, None, ARMConfig(), out=out)
     assert got is out
-    assert_same_bits(out, arm_reference(x, config=ARMConfig()))
+    assert_same_bits(out.cpu(), arm_reference(x, config=ARMConfig()))
 
 
 @pytest.mark.parametrize("bad, words", [
