@@ -51,3 +51,6 @@ def test_token_windows_are_non_overlapping_and_drop_the_remainder():
     assert token_windows(CharTokenizer(), ["abcdefgh"], 2, max_windows=2).shape == (2, 2)
     with pytest.raises(ValueError, match="fewer than one window of 100"):
         token_windows(CharTokenizer(), ["short"], 100)
+    for asked in (0, -1):  # not "too little text", and not a reshape error
+        with pytest.raises(ValueError, match=f"max_windows={asked}: ask for at least 1 window"):
+            token_windows(CharTokenizer(), ["abcdefgh"], 2, max_windows=asked)
