@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from armquant._io import atomic_file, write_json
+from armquant.cli import positive_int
 
 __all__ = ["calibrate", "CalibrationReport", "TensorStats", "HistogramSpec", "SITES", "load_artifacts"]
 
@@ -861,7 +862,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("model", help="bundled name (smollm2-135m, gemma3-270m), .gguf file or checkpoint folder")
     p.add_argument("--data", default="sotu:calibration", help="data source (default: sotu:calibration; also a .txt file, a folder, hf:DATASET:CONFIG:SPLIT)")
     p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--max-windows", type=int, default=128, help="number of windows (default 128)")
+    p.add_argument("--max-windows", type=positive_int, default=128, help="number of windows (default 128)")
     p.add_argument("--seed", type=int, default=None, help="ARM random-stream key for the run (default: the model's)")
     p.add_argument("--out", help="output folder (default: the checkpoint folder itself)")
     p.add_argument("--overwrite", action="store_true", help="replace earlier calibration outputs in the output folder")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from armquant._io import atomic_file, write_json, write_text
+from armquant.cli import positive_int
 
 __all__ = ["compare", "DEFAULT_SCHEMES", "format_markdown", "plot"]
 
@@ -230,9 +231,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--schemes", nargs="+", default=DEFAULT_SCHEMES, metavar="NAME", help="default: %(default)s")
     p.add_argument("--data", default="sotu:evaluation", help="evaluation text (default: %(default)s)")
     p.add_argument("--window", type=int, default=2048, help="tokens per window (default: %(default)s)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate the first N windows only")
+    p.add_argument("--max-windows", type=positive_int, default=None, help="evaluate the first N windows only")
     p.add_argument("--calib-data", default="sotu:calibration", help="calibration text (default: %(default)s)")
-    p.add_argument("--calib-windows", type=int, default=64, help="calibration windows (default: %(default)s)")
+    p.add_argument("--calib-windows", type=positive_int, default=64, help="calibration windows (default: %(default)s)")
     p.add_argument("--calib-length", type=int, default=512, help="tokens per calibration window (default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ARM seeds (default: 0 1 2)")
     p.add_argument("--resume", action="store_true", help="keep the schemes already in OUT.json (same windows and seeds)")

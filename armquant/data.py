@@ -124,7 +124,7 @@ def token_windows(tokenizer, texts: list[str], length: int, max_windows: int | N
     if length < 2:
         raise ValueError(f"window length {length} must be at least 2 tokens")
     if max_windows is not None and max_windows < 1:
-        raise ValueError(f"max_windows={max_windows}: ask for at least 1 window (--max-windows), or none for all of them")
+        raise ValueError(f"max_windows={max_windows}: ask for at least 1 window, or none for all of them")
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt").input_ids[0]
     n = ids.numel() // length
     if max_windows is not None:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from armquant._io import write_json
 from armquant._provenance import provenance
+from armquant.cli import positive_int
 
 __all__ = ["perplexity", "evaluate", "format_table"]
 
@@ -134,7 +135,7 @@ def add_cli(subparsers) -> None:
                    help="with --backend ort: the ARM custom-op library (auto: the built one, none: ARM's ONNX function)")
     p.add_argument("--data", default="sotu:evaluation", help="data source (default: sotu:evaluation; also a .txt file, a folder, hf:DATASET:CONFIG:SPLIT)")
     p.add_argument("--window", type=int, default=2048, help="tokens per window (default 2048)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--max-windows", type=positive_int, default=None, help="evaluate only the first N windows")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ARM seeds (default 0 1 2)")
     p.add_argument("--no-arm-off", action="store_true", help="skip the ARM-off baseline")
     p.add_argument("--json", help="write the report to this JSON file")

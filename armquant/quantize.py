@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from armquant._io import atomic_dir
+from armquant.cli import positive_int
 
 __all__ = [
     "W8A16", "W4A16", "W8A8", "BnB", "PerChannel", "PerGroup", "PerToken", "PerTensor", "SCHEMES",
@@ -1095,7 +1096,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--activations", choices=["dynamic", "static"], help="W8A8: per-token or calibrated per-tensor scales")
     p.add_argument("--smoothquant-alpha", type=float, help="W8A8: SmoothQuant strength (0.5 is usual)")
     p.add_argument("--calib-data", default="sotu:calibration", help="calibration text (default: %(default)s)")
-    p.add_argument("--calib-windows", type=int, default=64, help="calibration windows (default: %(default)s)")
+    p.add_argument("--calib-windows", type=positive_int, default=64, help="calibration windows (default: %(default)s)")
     p.add_argument("--calib-length", type=int, default=512, help="tokens per calibration window (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     add_arm_arguments(p)
