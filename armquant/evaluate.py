@@ -98,7 +98,9 @@ def _cmd_eval(args) -> int:
         from transformers import AutoTokenizer
 
         from armquant.onnx import export_arm_config, ort_evaluate
+        from armquant.runtime import model_file
 
+        model_file(args.model)  # before the tokenizer and the data: the usual mistake is a checkpoint folder
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         windows = token_windows(tokenizer, load_texts(args.data), args.window, args.max_windows)
         print(f"{args.model} (ONNX Runtime): {windows.shape[0]} windows x {windows.shape[1]} tokens from {args.data}")

@@ -420,7 +420,7 @@ def ort_evaluate(model_dir: str | os.PathLike, windows: torch.Tensor, seeds=(0, 
     """`armquant.evaluate.evaluate` through ONNX Runtime: the same report (ARM off, each seed)."""
     from armquant.evaluate import arm_report, perplexity
 
-    proto = onnx.load(str(Path(model_dir) / MODEL_FILE), load_external_data=False)
+    proto = onnx.load(str(runtime.model_file(model_dir)), load_external_data=False)
 
     def run(arm: bool, seed):
         logits = ort_logits_fn(model_dir, library=library, threads=threads, seed=seed, arm=arm)
@@ -519,9 +519,7 @@ def quantize_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sche
     if bits and (block_size < 16 or block_size & (block_size - 1)):
         raise ValueError(f"block_size={block_size} must be a power of two >= 16 (MatMulNBits), e.g. 32 or 128")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    source = model_dir / MODEL_FILE
-    if not source.is_file():
-        raise FileNotFoundError(f"no {MODEL_FILE} in {model_dir}; pass a folder written by `armquant export`")
+    source = runtime.model_file(model_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; choose another output directory or pass overwrite=True (--overwrite)")
     info = json.loads((model_dir / INFO_FILE).read_text()) if (model_dir / INFO_FILE).is_file() else {}

@@ -53,6 +53,17 @@ def session_options(library: Optional[str] = LIBRARY_AUTO, threads: Optional[int
     return options
 
 
+def model_file(model_dir: str | Path) -> Path:
+    """model_dir/model.onnx, or a FileNotFoundError that says what folder to pass."""
+    path = Path(model_dir) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {MODEL_FILE} in {model_dir}; pass the directory written by `armquant export` "
+            "(or an optimum text-generation-with-past export)"
+        )
+    return path
+
+
 def session(
     model_dir: str | Path, providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
     library: Optional[str] = LIBRARY_AUTO, seed: Optional[int] = None, arm: bool = True,
@@ -62,12 +73,7 @@ def session(
     library: "auto", "none" or a path (see custom_op_library). seed: run every ARM node with this
     seed instead of the exported one. arm=False: ARM nodes become Identity (ARM on/off comparisons).
     """
-    path = Path(model_dir) / MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no {MODEL_FILE} in {model_dir}; pass the directory written by `armquant export` "
-            "(or an optimum text-generation-with-past export)"
-        )
+    path = model_file(model_dir)
     providers = list(providers) if providers else ["CPUExecutionProvider"]
     options = session_options(library, threads)
     if seed is None and arm:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import onnx
@@ -378,9 +379,13 @@ def test_missing_library_path_is_a_clear_error(exported, tmp_path):
         runtime.session(out, library=str(tmp_path / "libarmquant_ort.so"))
 
 
-def test_session_on_a_folder_without_model(tmp_path):
-    with pytest.raises(FileNotFoundError, match="armquant export"):
-        runtime.session(tmp_path)
+def test_folders_without_a_model_are_named(tmp_path):
+    # A checkpoint folder passed where an export belongs: each entry point names the folder.
+    message = f"no model.onnx in {tmp_path}; pass the directory written by `armquant export`"
+    for call in (lambda: runtime.session(tmp_path), lambda: aox.ort_evaluate(tmp_path, torch.zeros(1, 4, dtype=torch.long)),
+                 lambda: aox.quantize_onnx(tmp_path, tmp_path / "out")):
+        with pytest.raises(FileNotFoundError, match=re.escape(message)):
+            call()
 
 
 def test_cli_export_refuses_existing_directory_before_loading(tmp_path):
