@@ -800,7 +800,7 @@ def _dispatch(model: nn.Module, device_map: str) -> nn.Module:
 def _cmd_calibrate(args) -> int:
     from armquant.models import load_from_args
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     out = _output_dir(args)
     existing = [name for name in OUTPUT_FILES if (out / name).exists()]
@@ -872,6 +872,6 @@ def add_cli(subparsers) -> None:
     p.add_argument("--no-artifacts", action="store_true", help=f"skip {ARTIFACT_TENSORS} and {ARTIFACT_META}")
     p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
     p.add_argument("--device-map", choices=["auto"], help="spread the model over the available devices with accelerate")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     add_arm_arguments(p)
     p.set_defaults(handler=_cmd_calibrate)

@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from armquant import runtime
+from armquant.cli import positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -517,7 +518,7 @@ def add_cli(subparsers) -> None:
     _add_sampling_arguments(parser, temperature=0.0)
     parser.add_argument("--system", default=None, help="system message for the chat template")
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
     parser.set_defaults(handler=_generate_command)
 
 

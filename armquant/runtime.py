@@ -42,7 +42,9 @@ def custom_op_library(library: Optional[str] = LIBRARY_AUTO) -> Optional[str]:
 def session_options(library: Optional[str] = LIBRARY_AUTO, threads: Optional[int] = None) -> ort.SessionOptions:
     """Session options with the ARM library registered when there is one."""
     options = ort.SessionOptions()
-    if threads:
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads={threads!r} must be an integer >= 1 (or None: ONNX Runtime's choice)")
         options.intra_op_num_threads = threads
     path = custom_op_library(library)
     if path is not None:

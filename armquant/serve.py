@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
 
+from armquant.cli import positive_int
 from armquant.generate import Chunk, Engine, EngineClosed, QueueFull, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -418,7 +419,7 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 503 (default 64)")
     parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds a request may take (default 60)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on shutdown (default 30)")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
     parser.set_defaults(handler=_serve_command)
 
 
