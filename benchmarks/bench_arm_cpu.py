@@ -140,7 +140,7 @@ def main() -> int:
     parser.add_argument("--shapes", default="1x2048x1536,1x2048x14336", help="comma-separated BxSxI")
     parser.add_argument("--dtypes", default="float32", help=f"comma-separated, of {sorted(DTYPES)}")
     parser.add_argument("--scopes", default="sequence", help="comma-separated: tensor, sequence, token")
-    parser.add_argument("--rounds", type=int, default=15, help="timed rounds of native/add/abs (min is reported)")
+    parser.add_argument("--rounds", type=int, default=15, help="timed rounds of native, add, abs and their out= forms (min is reported)")
     parser.add_argument("--reference-rounds", type=int, default=3,
                         help="timed rounds of the slow reference (0: not timed, no speedup column)")
     parser.add_argument("--inputs", type=int, default=1,
